@@ -131,8 +131,8 @@ def max_difference(model: LastHiddenState, path: Path) -> float:
     return float(np.abs(actual - expected).max())
 
 
-def ffn_sequence(proto: onnx.ModelProto) -> str:
-    """Describe the first FFN: the nodes from the 384->1536 MatMul to the Add after the 1536->384 MatMul.
+def ffn_sequence(proto: onnx.ModelProto, first_weight_shape: tuple[int, int] = (384, 1536)) -> str:
+    """Describe the first FFN: the nodes from the first MatMul with that weight shape to the Add after the next MatMul.
 
     Operands are marked W/b (initializer), c=value (initializer or Constant scalar), or x (activation),
     so the operand order each exporter writes is visible.
@@ -147,7 +147,7 @@ def ffn_sequence(proto: onnx.ModelProto) -> str:
         index
         for index, node in enumerate(nodes)
         if node.op_type == "MatMul"
-        and any(initializers.get(name, np.empty(0)).shape == (384, 1536) for name in node.input)
+        and any(initializers.get(name, np.empty(0)).shape == first_weight_shape for name in node.input)
     )
     reached, parts, matmuls = set(nodes[start].input[:1]), [], 0
     for node in nodes[start:]:
