@@ -56,12 +56,14 @@ def _linear(graph: _Graph, x: str, prefix: str, fan_in: int, fan_out: int) -> st
     """MatMul with a ``[in, out]`` weight, then Add with the bias as second operand."""
     weight = graph.weight(f"{prefix}.weight", (fan_in, fan_out), 1.0 / np.sqrt(fan_in))
     bias = graph.weight(f"{prefix}.bias", (fan_out,), 0.1)
-    return graph.node("Add", [graph.node("MatMul", [x, weight], f"{prefix}/MatMul"), bias], f"{prefix}/Add")
+    product = graph.node("MatMul", [x, weight], f"{prefix}/MatMul")
+    return graph.node("Add", [product, bias], f"{prefix}/Add")
 
 
 def _layer_norm(graph: _Graph, x: str, prefix: str, hidden: int) -> str:
+    """LayerNormalization over the hidden axis, with a scale near 1 and a small shift."""
     scale = graph.constant(
-        f"{prefix}.weight", (1.0 + 0.1 * graph.rng.standard_normal(hidden)).astype(np.float32)
+        f"{prefix}.weight", (1 + 0.1 * graph.rng.standard_normal(hidden)).astype(np.float32)
     )
     bias = graph.weight(f"{prefix}.bias", (hidden,), 0.1)
     return graph.node("LayerNormalization", [x, scale, bias], f"{prefix}/LayerNorm", axis=-1, epsilon=1e-12)
@@ -77,15 +79,14 @@ def _gelu(graph: _Graph, x: str, prefix: str, form: str) -> str:
     for suffix, value in (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5)):
         if f"{owner}.{suffix}" not in existing:
             graph.constant(f"{owner}.{suffix}", np.array(value, dtype=np.float32))
-    erf = graph.node("Erf", [graph.node("Div", [x, f"{owner}.sqrt2"], f"{prefix}/Div")], f"{prefix}/Erf")
+    scaled = graph.node("Div", [x, f"{owner}.sqrt2"], f"{prefix}/Div")
+    erf = graph.node("Erf", [scaled], f"{prefix}/Erf")
     one_plus = graph.node("Add", [erf, f"{owner}.one"], f"{prefix}/Add")
-    if form == "erf":
-        return graph.node(
-            "Mul", [graph.node("Mul", [x, one_plus], f"{prefix}/Mul"), f"{owner}.half"], f"{prefix}/Mul_1"
-        )
-    return graph.node(
-        "Mul", [x, graph.node("Mul", [f"{owner}.half", one_plus], f"{prefix}/Mul")], f"{prefix}/Mul_1"
-    )
+    if form == "erf":  # (x * (1 + erf)) * 0.5
+        x_times = graph.node("Mul", [x, one_plus], f"{prefix}/Mul")
+        return graph.node("Mul", [x_times, f"{owner}.half"], f"{prefix}/Mul_1")
+    half_times = graph.node("Mul", [f"{owner}.half", one_plus], f"{prefix}/Mul")  # x * (0.5 * (1 + erf))
+    return graph.node("Mul", [x, half_times], f"{prefix}/Mul_1")
 
 
 def _attention(graph: _Graph, x: str, mask: str, prefix: str, hidden: int, heads: int) -> str:
@@ -129,7 +130,7 @@ def _embeddings(graph: _Graph, vocab: int, hidden: int, max_positions: int) -> s
 
 
 def _additive_mask(graph: _Graph) -> str:
-    """The padding mask as a score bias ``[batch, 1, 1, sequence]``: 0 for tokens, MASKED_SCORE for padding."""
+    """Padding mask as a score bias ``[batch, 1, 1, sequence]``: 0 for tokens, MASKED_SCORE for padding."""
     mask_float = graph.node("Cast", ["attention_mask"], "mask/Cast", to=TensorProto.FLOAT)
     one = graph.constant("mask.one", np.array(1.0, dtype=np.float32))
     inverted = graph.node("Sub", [one, mask_float], "mask/Sub")
@@ -163,7 +164,7 @@ def build(
     vocab: int = 1000,
     max_positions: int = 64,
 ) -> onnx.ModelProto:
-    """Return the encoder; ``gelu`` is one of ``GELU_FORMS``. Sequences may be up to ``max_positions`` long."""
+    """Return the encoder; ``gelu`` is one of ``GELU_FORMS``; sequences up to ``max_positions`` long."""
     if gelu not in GELU_FORMS:
         raise ValueError(f"gelu must be one of {GELU_FORMS}, not {gelu!r}")
     graph = _Graph(np.random.default_rng(seed))

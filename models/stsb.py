@@ -72,9 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     score = evaluate_stsb(args.model, args.split, args.shared)
-    print(
-        f"{args.model}: STS-B {args.split} Spearman x100 = {score:.2f} ({time.perf_counter() - started:.1f} s)"
-    )
+    seconds = time.perf_counter() - started
+    print(f"{args.model}: STS-B {args.split} Spearman x100 = {score:.2f} ({seconds:.1f} s)")
 
 
 if __name__ == "__main__":
