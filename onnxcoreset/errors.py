@@ -1,4 +1,7 @@
-"""The error types a caller can rely on; each maps to one documented exit code."""
+"""The error types a caller can rely on; each maps to one documented exit code (see cli.py).
+
+Every message is one line that names the file or option at fault and says what is wrong.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,10 @@ class OnnxCoresetError(Exception):
 
 class ModelError(OnnxCoresetError):
     """The model file cannot be used: missing, corrupt, unsafe or unsupported as a whole."""
+
+
+class ResourceError(ModelError):
+    """The model declares more data than this machine's memory can hold; refused before allocating."""
 
 
 class UsageError(OnnxCoresetError):

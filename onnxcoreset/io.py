@@ -1,50 +1,116 @@
 """Load and save ONNX models without surprises.
 
-* Loading parses the protobuf once, refuses what the installed onnx cannot understand, and
-  checks every external-data reference (no absolute paths, no ``..``, no symlink leaving the
-  model's folder, offsets inside the file) before a single weight byte is read.
+* Loading parses the protobuf once and refuses, with one clear :class:`ModelError`, what cannot be
+  used safely: a file that is not a model, an IR version or opset newer than the installed onnx,
+  a tensor whose declared shape disagrees with the bytes it stores, tensors declaring more memory
+  than the machine has (:class:`ResourceError`), and any external-data reference that is absolute,
+  climbs out with ``..``, leaves the model's folder through a symlink, is not a regular file or
+  lies past the end of its file. All of this is checked before a single weight byte is read.
 * Weights are read lazily through :class:`WeightStore`; external data is memory-mapped, so a
   multi-gigabyte model costs its page cache, not a second copy.
 * Saving keeps the input's IR version, opsets and metadata (the proto is edited, never rebuilt),
-  writes external data when the input had it, and is atomic: temporary files beside the target,
-  then renames; nothing half-written is ever left behind.
+  writes external data when the input had it, sorts the nodes topologically only when the input's
+  order was not, refuses to overwrite the input or its external data unless asked to, and is
+  atomic: files are staged in a private folder beside the target, then renamed into place;
+  nothing half-written is ever left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import math
 import os
+import re
+import signal
+import stat
+import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import ModelError, OutputError
+from .errors import ModelError, OutputError, ResourceError, UsageError
 
 EXTERNAL_THRESHOLD_BYTES = 1024  # tensors at least this big go to the external-data file
-_PROTOBUF_LIMIT = 2**31 - 1
+PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto can be no larger
 _COPY_CHUNK = 64 << 20
+_UNLIMITED = 1 << 62
+
+# Sub-byte types are packed: this many bits per element, in raw_data and in external data.
+_PACKED_BITS = {
+    getattr(TensorProto, name): bits
+    for name, bits in (
+        ("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6),
+    )
+    if hasattr(TensorProto, name)
+}
+# In the typed int32_data field, 4- and 2-bit types are packed too; 6-bit types take one entry each.
+_PACKED_TYPED_BITS = {t: b for t, b in _PACKED_BITS.items() if b in (2, 4)}
+_COMPLEX = {TensorProto.COMPLEX64, TensorProto.COMPLEX128}
 
 
 @dataclass(frozen=True)
 class ExternalRef:
     """A checked pointer into an external-data file."""
 
-    path: Path
+    path: Path  # resolved, inside the model's folder, a regular file
     offset: int
     length: int
 
 
-def _tensor_nbytes(tensor: TensorProto) -> int:
-    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+def _human(nbytes: int) -> str:
+    value, unit = float(nbytes), "bytes"
+    for bigger in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{nbytes} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+
+
+def _dtype_name(data_type: int) -> str:
+    try:
+        return TensorProto.DataType.Name(data_type)
+    except ValueError:
+        return str(data_type)
+
+
+def tensor_elements(tensor: TensorProto) -> int:
+    """The number of elements the tensor's dims declare (exact: Python integers never overflow)."""
+    if any(d < 0 for d in tensor.dims):
+        raise ModelError(f"tensor '{tensor.name}' has a negative dimension in {list(tensor.dims)}")
+    return math.prod(tensor.dims)
+
+
+def tensor_nbytes(tensor: TensorProto) -> int:
+    """The bytes the tensor's dims and type declare, as raw or external data (0 for strings)."""
+    data_type = tensor.data_type
+    if data_type == TensorProto.STRING:
         return 0
-    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
-        return (int(np.prod(tensor.dims, dtype=np.int64)) + 1) // 2
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    itemsize = _itemsize(tensor)
+    elements = tensor_elements(tensor)
+    if data_type in _PACKED_BITS:
+        return (elements * _PACKED_BITS[data_type] + 7) // 8
+    return elements * itemsize
+
+
+def _itemsize(tensor: TensorProto) -> int:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, ValueError, TypeError):
+        raise ModelError(f"tensor '{tensor.name}' has unknown data type {_dtype_name(tensor.data_type)}") from None
+
+
+def _typed_count(tensor: TensorProto) -> int:
+    """How many entries the tensor's typed data field (float_data, int32_data …) must hold."""
+    elements = tensor_elements(tensor)
+    if tensor.data_type in _PACKED_TYPED_BITS:
+        return (elements * _PACKED_TYPED_BITS[tensor.data_type] + 7) // 8
+    return 2 * elements if tensor.data_type in _COMPLEX else elements
 
 
 def iter_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
@@ -63,44 +129,164 @@ def iter_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
                     yield from iter_tensors(sub)
 
 
+def iter_sparse_tensors(graph: onnx.GraphProto) -> Iterator[onnx.SparseTensorProto]:
+    """Every SparseTensorProto: sparse initializers and sparse attribute values, subgraphs too."""
+    yield from graph.sparse_initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                yield attr.sparse_tensor
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSORS:
+                yield from attr.sparse_tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_sparse_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from iter_sparse_tensors(sub)
+
+
 def _is_external(tensor: TensorProto) -> bool:
     return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
 
 
-def check_external_ref(tensor: TensorProto, base_dir: Path) -> ExternalRef:
-    """Validate one external-data reference without reading it (CVE-2022-25882, CVE-2024-27318)."""
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    location = info.get("location", "")
+def _has_inline_data(tensor: TensorProto) -> bool:
+    return tensor.HasField("raw_data") or any(
+        len(getattr(tensor, f)) for f in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+    )
+
+
+def _check_location(name: str, location: str) -> None:
+    """Refuse a location that could name anything but a file inside the model's folder.
+
+    Both path conventions are checked whatever the platform: a model that is safe here must be
+    safe on Windows too, where ``..\\`` and ``C:`` mean something.
+    """
     if not location:
-        raise ModelError(f"tensor '{tensor.name}' has external data without a location")
-    rel = Path(location)
-    if rel.is_absolute() or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
-        raise ModelError(f"tensor '{tensor.name}': external data location '{location}' is absolute; refused")
-    if ".." in rel.parts or ".." in Path(location.replace("\\", "/")).parts:
-        raise ModelError(f"tensor '{tensor.name}': external data location '{location}' contains '..'; refused")
-    root = base_dir.resolve()
-    target = (base_dir / rel).resolve()
-    if not target.is_relative_to(root):
-        raise ModelError(
-            f"tensor '{tensor.name}': external data '{location}' resolves outside the model's folder; refused"
-        )
-    if not target.is_file():
-        raise ModelError(f"tensor '{tensor.name}': external data file '{location}' is missing")
+        raise ModelError(f"tensor '{name}' has external data without a location")
+    if any(ord(c) < 32 or ord(c) == 127 for c in location):
+        raise ModelError(f"tensor '{name}': external data location {location!r} contains control characters; refused")
+    posix, windows = PurePosixPath(location), PureWindowsPath(location)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or location.startswith(("/", "\\")):
+        raise ModelError(f"tensor '{name}': external data location '{location}' is absolute; refused")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise ModelError(f"tensor '{name}': external data location '{location}' contains '..'; refused")
+
+
+def _non_negative_int(name: str, key: str, value: str) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise ModelError(f"tensor '{name}': external data {key} {value!r} is not a non-negative integer")
+    return int(value)
+
+
+def check_external_ref(tensor: TensorProto, base_dir: Path) -> ExternalRef:
+    """Validate one external-data reference without reading it (CVE-2022-25882, CVE-2024-27318).
+
+    The location must be relative, free of ``..`` and control characters, resolve (symlinks
+    followed) to a regular file inside ``base_dir``, and hold exactly the bytes the tensor's
+    shape needs at [offset, offset + length). A key given twice is refused: readers disagree on
+    which one wins, which is how a checked reference could be swapped for an unchecked one.
+    """
+    name = tensor.name
+    info: dict[str, str] = {}
+    for entry in tensor.external_data:
+        if entry.key in info:
+            raise ModelError(f"tensor '{name}': external data gives the key '{entry.key}' twice; refused")
+        info[entry.key] = entry.value
+    location = info.get("location", "")
+    _check_location(name, location)
+    if _has_inline_data(tensor):
+        raise ModelError(f"tensor '{name}' has both inline data and external data; refused")
     try:
-        offset = int(info.get("offset", "0"))
-        expected = _tensor_nbytes(tensor)
-        length = int(info["length"]) if "length" in info else expected
-    except ValueError:
-        raise ModelError(f"tensor '{tensor.name}': external data offset/length is not an integer") from None
-    size = target.stat().st_size
-    if offset < 0 or length < 0 or offset + length > size:
+        root = base_dir.resolve()
+        target = (base_dir / location).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ModelError(f"tensor '{name}': external data '{location}' cannot be resolved ({exc})") from None
+    if not target.is_relative_to(root):
+        raise ModelError(f"tensor '{name}': external data '{location}' resolves outside the model's folder; refused")
+    try:
+        status = target.stat()
+    except FileNotFoundError:
+        raise ModelError(f"tensor '{name}': external data file '{location}' is missing") from None
+    except OSError as exc:
+        raise ModelError(f"tensor '{name}': external data file '{location}' cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise ModelError(f"tensor '{name}': external data '{location}' is not a regular file; refused")
+    expected = tensor_nbytes(tensor)
+    offset = _non_negative_int(name, "offset", info.get("offset", "0"))
+    length = _non_negative_int(name, "length", info["length"]) if "length" in info else expected
+    size = status.st_size
+    if offset + length > size:
         raise ModelError(
-            f"tensor '{tensor.name}': external data [{offset}, {offset + length}) lies past the end "
+            f"tensor '{name}': external data [{offset}, {offset + length}) lies past the end "
             f"of '{location}' ({size} bytes)"
         )
     if length != expected:
-        raise ModelError(f"tensor '{tensor.name}': external data holds {length} bytes, its shape needs {expected}")
+        raise ModelError(f"tensor '{name}': external data holds {length} bytes, its shape needs {expected}")
     return ExternalRef(target, offset, length)
+
+
+def memory_budget() -> int:
+    """Bytes of memory this machine can give the process: physical memory, capped by a cgroup limit."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no limit we can know
+        return _UNLIMITED
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = min(total, int(value))
+    return total if total > 0 else _UNLIMITED
+
+
+def check_tensors(model: onnx.ModelProto, base_dir: Path | None, origin: str) -> None:
+    """Refuse lying tensors, unsafe external references and more declared data than memory, up front.
+
+    Only protos are looked at: nothing is decoded and no external file is opened.
+    """
+    budget = memory_budget()
+    declared = 0
+    tensors: list[TensorProto] = list(iter_tensors(model.graph))
+    for sparse in iter_sparse_tensors(model.graph):
+        if any(d < 0 for d in sparse.dims):
+            raise ModelError(f"{origin}: sparse tensor '{sparse.values.name}' has a negative dimension")
+        declared += math.prod(sparse.dims) * _itemsize(sparse.values)  # what densifying it costs
+        tensors += [sparse.values, sparse.indices]
+    for tensor in tensors:
+        nbytes = tensor_nbytes(tensor)
+        if nbytes > budget:
+            raise ResourceError(
+                f"{origin}: tensor '{tensor.name}' declares shape {list(tensor.dims)} ({_human(nbytes)}), "
+                f"more than this machine's {_human(budget)} of memory; refused"
+            )
+        declared += nbytes
+        if declared > budget:
+            raise ResourceError(
+                f"{origin}: its tensors declare {_human(declared)} or more, more than this machine's "
+                f"{_human(budget)} of memory; refused"
+            )
+        if _is_external(tensor):
+            if base_dir is None:
+                raise ModelError(f"{origin}: tensor '{tensor.name}' uses external data but no folder is known")
+            check_external_ref(tensor, base_dir)
+        elif tensor.HasField("raw_data"):
+            if tensor.data_type == TensorProto.STRING:
+                raise ModelError(f"{origin}: string tensor '{tensor.name}' stores raw bytes, which strings cannot use")
+            if len(tensor.raw_data) != nbytes:
+                raise ModelError(
+                    f"{origin}: tensor '{tensor.name}' declares shape {list(tensor.dims)} "
+                    f"({nbytes} bytes) but stores {len(tensor.raw_data)} bytes"
+                )
+        else:
+            field = helper.tensor_dtype_to_field(tensor.data_type)
+            stored, needed = len(getattr(tensor, field)), _typed_count(tensor)
+            if stored != needed:
+                raise ModelError(
+                    f"{origin}: tensor '{tensor.name}' declares shape {list(tensor.dims)} "
+                    f"({needed} values) but stores {stored} in {field}"
+                )
 
 
 class WeightStore:
@@ -146,13 +332,17 @@ class WeightStore:
             shape = tuple(int(d) for d in tensor.dims)
             if ref.length == 0:
                 return np.zeros(shape, dtype)
-            return np.memmap(ref.path, dtype=dtype, mode="r", offset=ref.offset, shape=shape)
-        try:
-            array = numpy_helper.to_array(tensor)
-        except Exception as exc:  # a corrupt tensor is a model error, not a crash
-            raise ModelError(f"tensor '{name}' cannot be decoded: {exc}") from None
-        array.flags.writeable = False
-        return array
+            if tensor.data_type in _PACKED_BITS:  # packed: decode a copy (small: these are never pruned)
+                copy = TensorProto()
+                copy.CopyFrom(tensor)
+                copy.ClearField("external_data")
+                copy.ClearField("data_location")
+                with open(ref.path, "rb") as handle:
+                    handle.seek(ref.offset)
+                    copy.raw_data = handle.read(ref.length)
+                return _decode(copy, name)
+            return np.memmap(ref.path, dtype=dtype.newbyteorder("<"), mode="r", offset=ref.offset, shape=shape)
+        return _decode(tensor, name)
 
     def write(self, name: str, array: np.ndarray) -> None:
         """Replace a tensor's value; the dtype is kept as stored, whatever precision the math used."""
@@ -169,11 +359,27 @@ class WeightStore:
     def external_ref(self, name: str) -> ExternalRef | None:
         return self._external_ref(name) if _is_external(self._protos[name]) else None
 
-    def materialize(self) -> None:
-        """Write every replacement into its TensorProto, and pull external data inline."""
+    def materialize(self, written: frozenset[int] = frozenset()) -> None:
+        """Write every replacement into its TensorProto, and pull external data inline.
+
+        ``written``: ids of protos already pointed at a newly written data file (their bytes are
+        there, not at the location this store read them from), left as they are.
+        """
         for name, tensor in self._protos.items():
+            if id(tensor) in written:
+                continue
             if name in self.replaced or _is_external(tensor):
                 _set_raw(tensor, np.asarray(self.read(name)))
+                self.replaced.pop(name, None)  # its bytes now live in the proto; free the array
+
+
+def _decode(tensor: TensorProto, name: str) -> np.ndarray:
+    try:
+        array = numpy_helper.to_array(tensor)
+    except Exception as exc:  # a corrupt tensor is a model error, not a crash
+        raise ModelError(f"tensor '{name}' cannot be decoded: {str(exc).splitlines()[0][:200]}") from None
+    array.flags.writeable = False
+    return array
 
 
 def _set_raw(tensor: TensorProto, array: np.ndarray) -> None:
@@ -184,7 +390,17 @@ def _set_raw(tensor: TensorProto, array: np.ndarray) -> None:
     if doc:
         tensor.doc_string = doc
     tensor.dims.extend(array.shape)
-    tensor.raw_data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    tensor.raw_data = bytes(_raw_view(array, data_type))
+
+
+def _raw_view(array: np.ndarray, data_type: int) -> bytes | memoryview:
+    """The ONNX raw_data bytes of ``array``: little-endian, sub-byte types packed; no copy where possible."""
+    if data_type in _PACKED_BITS:
+        return numpy_helper.from_array(np.asarray(array)).raw_data
+    array = np.ascontiguousarray(array)
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
+        array = array.byteswap()
+    return memoryview(array.reshape(-1).view(np.uint8))
 
 
 @dataclass
@@ -199,6 +415,24 @@ class LoadedModel:
     def has_external_data(self) -> bool:
         return any(_is_external(t) for t in iter_tensors(self.model.graph))
 
+    def input_files(self) -> list[Path]:
+        """The model file and every external-data file it reads (what must never be modified)."""
+        files = [self.path] if self.path is not None else []
+        base = self.path.parent if self.path is not None else self.store._base_dir
+        if base is not None:
+            for tensor in iter_tensors(self.model.graph):
+                if _is_external(tensor):
+                    files.append(check_external_ref(tensor, base).path)
+        return list(dict.fromkeys(files))
+
+
+def _newest_opsets() -> dict[str, int]:
+    newest: dict[str, int] = {}
+    for (domain, version), _ in helper.OP_SET_ID_VERSION_MAP.items():
+        newest[domain] = max(newest.get(domain, 0), version)
+    newest[""] = max(newest.get("ai.onnx", 0), onnx.defs.onnx_opset_version())
+    return newest
+
 
 def _check_versions(model: onnx.ModelProto, origin: str) -> None:
     if not model.HasField("graph"):
@@ -210,44 +444,153 @@ def _check_versions(model: onnx.ModelProto, origin: str) -> None:
             f"{origin} has IR version {model.ir_version}; the installed onnx {onnx.__version__} "
             f"knows up to {onnx.IR_VERSION}"
         )
-    newest = onnx.defs.onnx_opset_version()
+    newest = _newest_opsets()
     for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+        domain = "" if opset.domain == "ai.onnx" else opset.domain
+        if domain in newest and opset.version > newest[domain]:
+            shown = f"opset {opset.version}" if not domain else f"opset {opset.version} of '{domain}'"
             raise ModelError(
-                f"{origin} uses opset {opset.version}; the installed onnx {onnx.__version__} knows up to {newest}"
+                f"{origin} uses {shown}; the installed onnx {onnx.__version__} knows up to {newest[domain]}"
             )
 
 
-def _check_tensor_sizes(model: onnx.ModelProto, base_dir: Path | None, origin: str) -> None:
-    """Refuse lying tensors (declared size ≠ stored size) and unsafe external references up front."""
-    for tensor in iter_tensors(model.graph):
-        if _is_external(tensor):
-            if base_dir is None:
-                raise ModelError(f"{origin}: tensor '{tensor.name}' uses external data but no folder is known")
-            check_external_ref(tensor, base_dir)
-        elif tensor.HasField("raw_data") and tensor.data_type not in (TensorProto.STRING,):
-            if len(tensor.raw_data) != _tensor_nbytes(tensor):
+def _opset_map(model: onnx.ModelProto) -> dict[str, int]:
+    return {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
+
+
+def _node_label(node: onnx.NodeProto, index: int) -> str:
+    return f"node '{node.name}'" if node.name else f"node {index} ({node.op_type or 'no op type'})"
+
+
+def _stub_subgraphs(node: onnx.NodeProto) -> onnx.NodeProto:
+    """A copy of a control-flow node with empty bodies: its own inputs and attributes can then be checked
+    alone (onnx's node checker cannot be told which outer names a body may read)."""
+    stub = onnx.NodeProto()
+    stub.CopyFrom(node)
+    for attr in stub.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            attr.g.Clear()
+            attr.g.name = "stub"
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            del attr.graphs[:]
+    return stub
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _first_bad_string(message) -> str | None:
+    """The path to a string field holding invalid UTF-8 (protobuf hands such a field over as bytes)."""
+    if isinstance(message, TensorProto):  # never touch raw_data: reading it would copy the weights
+        fields = [("name", message.name)] + [(f"external_data.{e.key!r}", e.value) for e in message.external_data]
+        fields += [("external_data.key", e.key) for e in message.external_data]
+        return next((path for path, value in fields if isinstance(value, bytes)), None)
+    for descriptor, value in message.ListFields():
+        items = value if _is_repeated(descriptor) else [value]
+        if descriptor.type == descriptor.TYPE_STRING:
+            if any(isinstance(item, bytes) for item in items):
+                return descriptor.name
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            for item in items:
+                inner = _first_bad_string(item)
+                if inner is not None:
+                    return f"{descriptor.name}.{inner}"
+    return None
+
+
+def _is_repeated(descriptor) -> bool:
+    flag = getattr(descriptor, "is_repeated", None)  # protobuf >= 5.28 (``label`` is gone in 7)
+    return bool(flag) if flag is not None else descriptor.label == descriptor.LABEL_REPEATED
+
+
+def check_structure(model: onnx.ModelProto, origin: str) -> None:
+    """Refuse graphs whose wiring or nodes are malformed, so matching never meets a broken node.
+
+    Every tensor must be defined exactly once (inputs, initializers, node outputs) and defined
+    somewhere before it is read (in any order: an unsorted graph is fine); every node must fit its
+    operator's schema (input and output counts, attribute names and types), as onnx's node
+    checker sees it. Nothing is copied but one node at a time.
+    """
+    bad = _first_bad_string(model)
+    if bad is not None:
+        raise ModelError(f"{origin}: the text field {re.sub(r'[^ -~]', '?', bad)} is not valid UTF-8")
+    context = onnx.checker.C.CheckerContext()
+    context.ir_version = model.ir_version
+    context.opset_imports = _opset_map(model)
+    _check_graph_structure(model.graph, context, frozenset(), origin)
+
+
+def _check_graph_structure(graph: onnx.GraphProto, context, outer: frozenset[str], origin: str) -> None:
+    defined: dict[str, str] = {}
+
+    def define(name: str, what: str) -> None:
+        if name in defined and not (what == "an initializer" and defined[name] == "a graph input"):
+            raise ModelError(f"{origin}: tensor '{name}' is defined twice ({defined[name]} and {what})")
+        defined[name] = what
+
+    for value in graph.input:
+        define(value.name, "a graph input")
+    for tensor in graph.initializer:
+        define(tensor.name, "an initializer")
+    for sparse in graph.sparse_initializer:
+        define(sparse.values.name, "an initializer")
+    for index, node in enumerate(graph.node):
+        if not node.op_type:
+            raise ModelError(f"{origin}: {_node_label(node, index)} has no operator type")
+        for name in node.output:
+            if name:
+                define(name, _node_label(node, index))
+    visible = outer | defined.keys()
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name and name not in visible:
                 raise ModelError(
-                    f"{origin}: tensor '{tensor.name}' declares shape {list(tensor.dims)} "
-                    f"({_tensor_nbytes(tensor)} bytes) but stores {len(tensor.raw_data)} bytes"
+                    f"{origin}: {_node_label(node, index)} ({node.op_type}) reads '{name}', "
+                    "which no input, initializer or node defines"
                 )
+        try:
+            onnx.checker.check_node(_stub_subgraphs(node) if _has_subgraph(node) else node, context)
+        except Exception as exc:  # ValidationError, or SchemaError for a broken attribute
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{origin}: {_node_label(node, index)} ({node.op_type}) is malformed: {detail[:300]}") from None
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subgraphs:
+                _check_graph_structure(sub, context, frozenset(visible), origin)
+    for value in graph.output:
+        if value.name not in visible:
+            raise ModelError(f"{origin}: graph output '{value.name}' is not defined by any input, initializer or node")
 
 
 def load(path: str | os.PathLike[str]) -> LoadedModel:
     """Parse a model file and check it can be used safely; raise ModelError with one clear line if not."""
     path = Path(path)
-    if not path.exists():
-        raise ModelError(f"{path}: no such file")
-    if path.is_dir():
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ModelError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if stat.S_ISDIR(status.st_mode):
         raise ModelError(f"{path}: is a directory, not an ONNX file")
+    if not stat.S_ISREG(status.st_mode):
+        raise ModelError(f"{path}: is not a regular file")
+    if status.st_size == 0:
+        raise ModelError(f"{path}: the file is empty")
+    if status.st_size > PROTOBUF_LIMIT:
+        raise ModelError(
+            f"{path}: {_human(status.st_size)} is more than a protobuf can hold (2 GiB), so it is not an ONNX "
+            "model (large models keep their weights in external data)"
+        )
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ModelError(f"{path}: cannot be read ({exc.strerror})") from None
-    if not data:
-        raise ModelError(f"{path}: the file is empty")
     model = parse(data, str(path))
-    _check_tensor_sizes(model, path.parent, str(path))
+    del data
+    check_tensors(model, path.parent, str(path))
+    check_structure(model, str(path))
     return LoadedModel(model, path, WeightStore(model, path.parent))
 
 
@@ -266,15 +609,98 @@ def from_proto(model: onnx.ModelProto, base_dir: Path | None = None) -> LoadedMo
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     _check_versions(copy, "model")
-    _check_tensor_sizes(copy, base_dir, "model")
+    check_tensors(copy, base_dir, "model")
+    check_structure(copy, "model")
     return LoadedModel(copy, None, WeightStore(copy, base_dir))
+
+
+# --- node order -------------------------------------------------------------------------------
+
+
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Names a control-flow node's subgraphs read from the enclosing scope."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in graphs:
+            local = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            local |= {s.values.name for s in sub.sparse_initializer}
+            for inner in sub.node:
+                local.update(inner.output)
+            for inner in sub.node:
+                names.update(n for n in inner.input if n and n not in local)
+                names.update(n for n in _outer_names(inner) if n not in local)
+            names.update(o.name for o in sub.output if o.name not in local)
+    return names
+
+
+def _node_reads(node: onnx.NodeProto) -> list[str]:
+    return [n for n in node.input if n] + sorted(_outer_names(node))
+
+
+def topological_order(graph: onnx.GraphProto) -> list[int] | None:
+    """Node indices in a topological order that keeps the file's order wherever it can.
+
+    None when the file's order already is topological; ModelError when there is a cycle.
+    Only dependencies on tensors produced inside ``graph`` count: the rest come from the
+    graph's inputs, initializers or an enclosing scope.
+    """
+    producer: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.output:
+            if name:
+                producer.setdefault(name, index)
+    reads = [[producer[n] for n in _node_reads(node) if n in producer] for node in graph.node]
+    if all(dep < index for index, deps in enumerate(reads) for dep in deps if dep != index):
+        return None
+    pending = [len({d for d in deps if d != index}) for index, deps in enumerate(reads)]
+    dependents: dict[int, list[int]] = {}
+    for index, deps in enumerate(reads):
+        for dep in {d for d in deps if d != index}:
+            dependents.setdefault(dep, []).append(index)
+    ready = [index for index, count in enumerate(pending) if count == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for dependent in dependents.get(index, []):
+            pending[dependent] -= 1
+            if pending[dependent] == 0:
+                heapq.heappush(ready, dependent)
+    if len(order) != len(graph.node):
+        raise ModelError("the graph has a cycle: its nodes cannot be ordered")
+    return order
+
+
+def sort_nodes(graph: onnx.GraphProto) -> bool:
+    """Put the nodes (and those of every subgraph) in topological order in place, if they are not.
+
+    The node messages are reordered, not copied, so references into them stay valid. Returns
+    whether anything moved.
+    """
+    moved = False
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                moved |= sort_nodes(sub)
+    order = topological_order(graph)
+    if order is None:
+        return moved
+    nodes = list(graph.node)  # keeps the wrappers alive so that id() identifies each node
+    rank = {id(nodes[index]): position for position, index in enumerate(order)}
+    graph.node.sort(key=lambda node: rank[id(node)])
+    return True
+
+
+# --- saving -----------------------------------------------------------------------------------
 
 
 def _tensor_bytes_chunks(store: WeightStore, tensor: TensorProto) -> Iterator[bytes | memoryview]:
     """The bytes of a tensor's value, in chunks, without materialising external data twice."""
     name = tensor.name
     if name in store.replaced:
-        yield np.ascontiguousarray(store.replaced[name]).reshape(-1).view(np.uint8)
+        yield _raw_view(store.replaced[name], tensor.data_type)
         return
     if _is_external(tensor):
         ref = store.external_ref(name)
@@ -289,9 +715,10 @@ def _tensor_bytes_chunks(store: WeightStore, tensor: TensorProto) -> Iterator[by
                 remaining -= len(chunk)
                 yield chunk
         return
-    yield numpy_helper.to_array(tensor).astype(
-        np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<"), copy=False
-    ).tobytes()
+    if tensor.HasField("raw_data"):
+        yield tensor.raw_data
+        return
+    yield _raw_view(_decode(tensor, name), tensor.data_type)
 
 
 def _external_candidates(loaded: LoadedModel) -> list[TensorProto]:
@@ -301,9 +728,7 @@ def _external_candidates(loaded: LoadedModel) -> list[TensorProto]:
         if id(tensor) in seen or tensor.data_type == TensorProto.STRING:
             continue
         seen.add(id(tensor))
-        nbytes = (
-            store_nbytes(loaded.store, tensor) if tensor.name in loaded.store.replaced else _tensor_nbytes(tensor)
-        )
+        nbytes = store_nbytes(loaded.store, tensor) if tensor.name in loaded.store.replaced else tensor_nbytes(tensor)
         if nbytes >= EXTERNAL_THRESHOLD_BYTES:
             tensors.append(tensor)
     return tensors
@@ -313,10 +738,14 @@ def store_nbytes(store: WeightStore, tensor: TensorProto) -> int:
     return int(store.replaced[tensor.name].nbytes)
 
 
-def _write_external(loaded: LoadedModel, data_handle, data_name: str) -> None:
-    """Stream every large tensor into the data file and point its proto there (64-byte aligned)."""
+def _write_external(loaded: LoadedModel, data_handle, data_name: str) -> frozenset[int]:
+    """Stream every large tensor into the data file and point its proto there (64-byte aligned).
+
+    Returns the ids of the protos rewritten, which must not be materialized from the input again.
+    """
     store = loaded.store
     offset = 0
+    written: set[int] = set()
     for tensor in _external_candidates(loaded):
         pad = (-offset) % 64
         if pad:
@@ -338,6 +767,8 @@ def _write_external(loaded: LoadedModel, data_handle, data_name: str) -> None:
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         store.replaced.pop(name, None)
+        written.add(id(tensor))
+    return frozenset(written)
 
 
 @dataclass
@@ -360,9 +791,10 @@ class StagedOutput:
     def commit(self) -> list[Path]:
         placed: list[Path] = []
         try:
-            for name in sorted(self.files, key=lambda f: f == self.target.name):  # the model goes last
-                os.replace(self.folder / name, self.target.parent / name)
-                placed.append(self.target.parent / name)
+            with _signals_deferred():  # a model must never be left beside another run's data file
+                for name in sorted(self.files, key=lambda f: f == self.target.name):  # the model goes last
+                    os.replace(self.folder / name, self.target.parent / name)
+                    placed.append(self.target.parent / name)
         except OSError as exc:
             for path in placed:
                 path.unlink(missing_ok=True)
@@ -378,6 +810,38 @@ class StagedOutput:
             self.folder.rmdir()
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done (POSIX; elsewhere a no-op)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a small text file (a report) atomically: a temporary file beside it, then a rename."""
+    path = Path(path)
+    folder = _check_target(path)
+    try:
+        handle = tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from None
+    try:
+        with handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    except BaseException as exc:
+        Path(handle.name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from None
+        raise
+
+
 def _check_target(out_path: Path) -> Path:
     folder = out_path.parent if str(out_path.parent) else Path(".")
     if not folder.is_dir():
@@ -389,32 +853,63 @@ def _check_target(out_path: Path) -> Path:
     return folder
 
 
-def stage(loaded: LoadedModel, out_path: str | os.PathLike[str], external: bool | None = None) -> StagedOutput:
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _check_no_clobber(loaded: LoadedModel, outputs: list[Path]) -> None:
+    """Refuse to replace the model being read or any of its external-data files."""
+    inputs = loaded.input_files()
+    for out in outputs:
+        for source in inputs:
+            if _same_file(out, source):
+                what = "the input model" if source == loaded.path else f"the input's external data '{source.name}'"
+                raise UsageError(f"{out}: the output would overwrite {what}; pass --force to allow it")
+
+
+def stage(
+    loaded: LoadedModel,
+    out_path: str | os.PathLike[str],
+    external: bool | None = None,
+    *,
+    overwrite_input: bool = False,
+) -> StagedOutput:
     """Write the model with its replacements into a staging folder beside ``out_path``.
 
     ``external=None`` keeps the input's choice, switching to external data only when the model
-    would not fit in one protobuf. The loaded proto is consumed: do not reuse it afterwards.
+    would not fit in one protobuf. Replacing the input model or its external data is refused
+    unless ``overwrite_input`` (it is safe then: the input is fully read before the rename).
+    The loaded proto is consumed: do not reuse it afterwards.
     """
     out_path = Path(out_path)
     folder = _check_target(out_path)
     if external is None:
-        external = loaded.has_external_data or _declared_bytes(loaded) > _PROTOBUF_LIMIT - (64 << 20)
+        external = loaded.has_external_data or _declared_bytes(loaded) > PROTOBUF_LIMIT - (64 << 20)
+    data_name = out_path.name + ".data"
+    if not overwrite_input:
+        _check_no_clobber(loaded, [out_path] + ([folder / data_name] if external else []))
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=folder))
     except OSError as exc:
         raise OutputError(f"{out_path}: cannot be written ({exc.strerror or exc})") from None
     staged = StagedOutput(out_path, staging, [])
     try:
+        written: frozenset[int] = frozenset()
         if external:
-            data_name = out_path.name + ".data"
             with open(staging / data_name, "wb") as handle:
                 staged.files.append(data_name)
-                _write_external(loaded, handle, data_name)
-        loaded.store.materialize()
+                written = _write_external(loaded, handle, data_name)
+        loaded.store.materialize(written)
+        sort_nodes(loaded.model.graph)  # last: materialize writes into the node protos it references
         try:
             payload = loaded.model.SerializeToString(deterministic=True)
         except ValueError as exc:
             raise OutputError(f"{out_path}: the model cannot be serialised ({exc})") from None
+        if len(payload) > PROTOBUF_LIMIT:
+            raise OutputError(f"{out_path}: the model is over 2 GiB even with its weights in external data")
         with open(staging / out_path.name, "wb") as handle:
             staged.files.append(out_path.name)
             handle.write(payload)
@@ -427,9 +922,16 @@ def stage(loaded: LoadedModel, out_path: str | os.PathLike[str], external: bool 
         raise
 
 
-def save(loaded: LoadedModel, out_path: str | os.PathLike[str], external: bool | None = None) -> list[Path]:
+def save(loaded: LoadedModel, out_path: str | os.PathLike[str], external: bool | None = None, *, overwrite_input: bool = False) -> list[Path]:
     """Stage and commit in one go: the files written."""
-    return stage(loaded, out_path, external).commit()
+    return stage(loaded, out_path, external, overwrite_input=overwrite_input).commit()
+
+
+def finish(loaded: LoadedModel) -> onnx.ModelProto:
+    """The in-memory result: replacements written in, weights inline, nodes in topological order."""
+    loaded.store.materialize()
+    sort_nodes(loaded.model.graph)
+    return loaded.model
 
 
 def _declared_bytes(loaded: LoadedModel) -> int:
@@ -438,5 +940,5 @@ def _declared_bytes(loaded: LoadedModel) -> int:
         if tensor.name in loaded.store.replaced:
             total += int(loaded.store.replaced[tensor.name].nbytes)
         else:
-            total += _tensor_nbytes(tensor)
+            total += tensor_nbytes(tensor)
     return total

@@ -22,6 +22,30 @@ class LayerReport:
     radius_certified: bool  # False where the radius could not be propagated and β was assumed
     certified_bound: float  # max over consumer neurons of the worst-case change on the ball
     sensitivity_total: float  # t = Σ_j s(j), Theorem 7's total sensitivity
+    # The plan, replayable: original indices of the kept neurons and the factor each one's
+    # outgoing weights were multiplied by (count/(m·pr) for sampled methods, else 1).
+    kept: tuple[int, ...] = ()
+    scale: tuple[float, ...] = ()
+    # How far the certificate can be trusted and how tight it is (see radii.py, bounds.py, attack.py).
+    radius_kind: str = "assumed"  # certified (propagated from β), measured (data file) or assumed (β)
+    radius_source: str = ""  # where the radius came from, in one line
+    attained_error: float | None = None  # the largest error a gradient search found on the ball
+    theorem7_sample_size: int | None = None  # m = ⌈(t/ε²)(d·log t + log(1/δ))⌉, c = 1, δ = 0.1
+    note: str = ""  # e.g. why --epsilon left the chain whole
+    # The data-aware methods (strategy.py): what pruned this chain, and how well it did on samples.
+    method: str = ""  # the selection (sensitivity, coreset-vr, greedy-ls, …); empty: the run's --method
+    sup: str = ""  # ball, rms or max: where sup|ψ_j| in s(j) came from
+    reweight: str = ""  # none, ball-ls or data-ls
+    measured_error: float | None = None  # E‖e‖² / E‖Uh − E[Uh]‖² of the consumers' pre-activations
+    measured_on: str = ""  # the samples it was measured on
+    choice: str = ""  # why this selection and reweighting (auto), and skipped bias corrections
+
+    @property
+    def tightness(self) -> float | None:
+        """certified / attained: 1 is a certificate that cannot be improved."""
+        if self.attained_error is None or self.attained_error <= 0:
+            return None
+        return self.certified_bound / self.attained_error
 
 
 @dataclass(frozen=True)
@@ -67,9 +91,15 @@ class PruneReport:
     skipped: tuple[SkippedReport, ...]
     validation: ValidationReport | None = None
     outputs: tuple[str, ...] = ()
+    epsilon: float | None = None
+    beta_source: str = "given"  # or "measured on FILE" (--beta-from)
+    network_bound: dict[str, float] | None = None  # certified change of each output, where chains compose
+    network_note: str = ""  # why there is no network bound
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        for entry, layer in zip(data["layers"], self.layers):
+            entry["tightness"] = layer.tightness
         data["validation"] = self.validation.to_dict() if self.validation else None
         data["compression"] = self.params_after / self.params_before if self.params_before else 1.0
         return data
@@ -93,24 +123,53 @@ def render_prune(report: PruneReport) -> str:
             l.activation,
             f"{l.neurons_before} -> {l.neurons_after}",
             str(l.draws) if l.draws is not None else "-",
-            f"{l.radius:.4g}{'' if l.radius_certified else ' (assumed)'}",
+            f"{l.radius:.4g} ({l.radius_kind})",
             f"{l.certified_bound:.4g}",
+            "-" if l.attained_error is None else f"{l.attained_error:.4g}",
+            "-" if l.tightness is None else f"{l.tightness:.2f}",
         ]
         for l in report.layers
     ]
-    parts = [_table(["layer", "activation", "neurons", "m", "radius", "certified bound"], rows)]
+    headers = ["layer", "activation", "neurons", "m", "radius", "certified bound", "attained", "ratio"]
+    parts = [_table(headers, rows)]
     ratio = report.params_after / report.params_before if report.params_before else 1.0
     parts.append(
         f"parameters: {report.params_before:,} -> {report.params_after:,} ({100 * ratio:.1f}%)   "
-        f"method {report.method}, seed {report.seed}, beta {report.beta:g}"
+        f"method {report.method}, seed {report.seed}, beta {report.beta:g} ({report.beta_source})"
+        + ("" if report.epsilon is None else f", epsilon {report.epsilon:g}")
     )
+    parts += [f"note {l.name}: {l.note}" for l in report.layers if l.note]
+    parts += [
+        f"plan {l.name}: {l.choice}"
+        + ("" if l.measured_error is None else f"; relative error {l.measured_error:.4g} on {l.measured_on}")
+        for l in report.layers if l.choice
+    ]
+    kinds = {l.radius_kind for l in report.layers}
+    if kinds - {"certified"}:
+        parts.append(
+            "radius: certified = propagated from beta (the L2 norm bound of one input sample: 28 for 28x28 "
+            "images in [0,1], 7140 for 0-255 pixels); measured = largest norm on --beta-from data; "
+            "assumed = beta where neither applies, so those bounds hold only if it is right"
+        )
     for skip in report.skipped:
         parts.append(f"skipped {skip.name}: {skip.reason}")
+    network = report.network_bound or {}
+    if report.network_bound and not report.validation:
+        parts += [f"network bound: output '{k}' moves by at most {v:.4g} on the beta ball" for k, v in network.items()]
     if report.validation:
         v = report.validation
-        vrows = [[o.name, f"{o.max_abs:.6g}", f"{o.mean_l1:.6g}"] for o in v.outputs]
+        vrows = [[o.name, f"{o.max_abs:.6g}", f"{o.mean_l1:.6g}", f"{network[o.name]:.6g}" if o.name in network else "-"]
+                 for o in v.outputs]
         parts.append(f"validation on {v.probes} probes ({v.provider}):")
-        parts.append(_table(["output", "max abs", "mean L1"], vrows))
+        parts.append(_table(["output", "max abs", "mean L1", "network bound"], vrows))
+        if v.chains:
+            crows = [
+                [c.name, f"{c.max_abs:.6g}", f"{c.certified_bound:.6g}", str(c.probes), f"{c.probes_per_second:,.0f}",
+                 "ok" if c.ok else "EXCEEDED"]
+                for c in v.chains
+            ]
+            parts.append(_table(["layer", "max abs", "certified", "probes", "probes/s", "check"], crows))
+        parts += [f"note: {n}" for n in v.notes]
         parts += [f"FAILED: {f}" for f in v.failures] or ["validation passed"]
     return "\n".join(parts)
 
@@ -127,5 +186,9 @@ def render_inspect(report: InspectReport) -> str:
     parts += [f"  {s.name}: {s.reason}" for s in report.skipped]
     if report.metadata:
         parts.append("onnxcoreset metadata:")
-        parts += [f"  {k} = {v}" for k, v in sorted(report.metadata.items())]
+        parts += [
+            f"  {k} = " + (f"(kept neurons and scales of {v.count('kept')} chain(s), read by validate)" if k.endswith(".plan")
+                           else v if len(v) <= 2000 else v[:2000] + " …")
+            for k, v in sorted(report.metadata.items())
+        ]
     return "\n".join(parts)

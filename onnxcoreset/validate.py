@@ -1,27 +1,42 @@
 """The one module that runs models: onnxruntime sessions (CUDA when present), probes, deviations.
 
-Both models run on the same inputs: points drawn from the β ball (half on its sphere, half
-inside) for float inputs, small non-negative integers for integer inputs (token ids, masks), or
-a user's data file. Every output is compared by its largest absolute and mean absolute
+End to end, both models run on the same inputs: points drawn from the β ball (half on its
+sphere, half inside) for float inputs, small non-negative integers for integer inputs (token ids,
+masks), or a user's data file. Every output is compared by its largest absolute and mean absolute
 deviation; shapes must agree and the pruned model must not turn finite values into NaN.
+
+Chain by chain (:func:`validate_chains`), each pruned chain's sub-model (producer input →
+consumer outputs) is cut from both graphs and run on points of the chain's input ball, including
+the points where a gradient search finds the error largest; its change must stay within the
+certified bound the pruned model records (``onnxcoreset.layers``) plus a worst-case rounding
+allowance. Probes go through in batches of CHAIN_BATCH rows. With device ``auto`` the CUDA
+provider is used where onnxruntime-gpu finds a GPU; every report names the provider that ran.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
+from . import bounds
 from .errors import ModelError, UsageError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROBES = 64
+DEFAULT_CHAIN_PROBES = 4096  # random points per pruned chain, besides the adversarial ones
+MAX_PROBE_VALUES = 1 << 27  # random values in one batch of probes (1 GiB as float64)
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,8 @@ class ValidationReport:
     outputs: tuple[OutputDeviation, ...]
     max_error: float | None = None
     failures: tuple[str, ...] = field(default_factory=tuple)
+    chains: tuple[ChainDeviation, ...] = ()  # each pruned chain against its certified bound
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -51,6 +68,8 @@ class ValidationReport:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["ok"] = self.ok
+        for entry, chain in zip(data["chains"], self.chains):
+            entry["probes_per_second"] = chain.probes_per_second
         return data
 
 
@@ -134,6 +153,12 @@ def probe_inputs(
     batch = max((s[0] for _, _, s in specs if s and s[0] > 0), default=1)
     free = any(s and s[0] == -1 for _, _, s in specs)
     per_feed = count if free else batch
+    values = sum(math.prod(per_feed if d == -1 else d for d in shape) for _, _, shape in specs)
+    if values > MAX_PROBE_VALUES:
+        raise UsageError(
+            f"the model's inputs declare {values:,} values per batch of probes, too many to draw at random; "
+            "give --input-shape, --data or fewer --probes"
+        )
     feeds = []
     done = 0
     while done < count:
@@ -170,8 +195,13 @@ def compare(
     shapes: Mapping[str, Sequence[int]] | None = None,
     data: Mapping[str, np.ndarray] | None = None,
     max_error: float | None = None,
+    chain_probes: int = DEFAULT_CHAIN_PROBES,
 ) -> ValidationReport:
-    """Run both models on the same inputs and measure how far every output moved."""
+    """Run both models on the same inputs and measure how far every output moved.
+
+    With ``chain_probes`` > 0, every chain recorded in the pruned model's metadata is also
+    checked on its own against its certified bound (:func:`validate_chains`).
+    """
     reference = session(original, device)
     candidate = session(pruned, device)
     if data:
@@ -201,7 +231,8 @@ def compare(
                 continue
             if a.dtype.kind not in "fiub":
                 continue
-            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: judged just below
+                diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
             if np.any(np.isfinite(a) & ~np.isfinite(b)):
                 failures.append(f"output '{name}' has non-finite values where the original is finite")
             finite = diff[np.isfinite(diff)]
@@ -216,4 +247,388 @@ def compare(
             failures.append(f"output '{out.name}' changed shape")
         if max_error is not None and out.max_abs > max_error:
             failures.append(f"output '{out.name}' moved by {out.max_abs:.4g} > --max-error {max_error:g}")
-    return ValidationReport(candidate.get_providers()[0], count, outputs, max_error, tuple(dict.fromkeys(failures)))
+    chains: tuple[ChainDeviation, ...] = ()
+    notes: tuple[str, ...] = ()
+    if chain_probes > 0:
+        chains, chain_failures, notes = validate_chains(original, pruned, device=device, probes=chain_probes, seed=seed)
+        failures.extend(chain_failures)
+    return ValidationReport(
+        candidate.get_providers()[0], count, outputs, max_error, tuple(dict.fromkeys(failures)), chains, notes
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-chain validation against the certificates, and measured radii
+
+LAYERS_KEY = "onnxcoreset.layers"
+PLAN_KEY = "onnxcoreset.plan"
+CHAIN_BATCH = 16384  # probe rows per onnxruntime call on a chain sub-model
+_F32_UNIT = 2.0**-24
+
+
+def encode_plan(plan: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """{chain: (kept, scale)} as compact JSON: little-endian int32 / float64 in base64 (scale null if all 1)."""
+    out = {}
+    for name, (kept, scale) in plan.items():
+        scale = np.asarray(scale, dtype="<f8")
+        out[name] = {
+            "kept": base64.b64encode(np.asarray(kept, dtype="<i4").tobytes()).decode("ascii"),
+            "scale": None if np.all(scale == 1.0) else base64.b64encode(scale.tobytes()).decode("ascii"),
+        }
+    return json.dumps(out, sort_keys=True)
+
+
+def decode_plan(text: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    plan = {}
+    for name, entry in json.loads(text).items():
+        kept = np.frombuffer(base64.b64decode(entry["kept"]), dtype="<i4").astype(np.int64)
+        scale = np.ones(kept.size) if entry.get("scale") is None else np.frombuffer(base64.b64decode(entry["scale"]), dtype="<f8").copy()
+        plan[name] = (kept, scale)
+    return plan
+
+
+@dataclass(frozen=True)
+class ChainDeviation:
+    """One pruned chain run on its own: original (as planned) against pruned, on its input ball."""
+
+    name: str
+    radius: float
+    radius_kind: str
+    certified_bound: float
+    probes: int  # random points in the ball plus the adversarial points
+    max_abs: float  # largest change of a consumer output over all probes
+    adversarial_max_abs: float  # … over the adversarial points alone
+    tolerance: float  # floating-point rounding allowance added to the certified bound
+    seconds: float  # onnxruntime time for both sub-models
+    ok: bool
+    provider: str = ""  # the execution provider the sub-models ran on
+
+    @property
+    def probes_per_second(self) -> float:
+        return self.probes / self.seconds if self.seconds > 0 else math.inf
+
+
+def _metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def extract(model: onnx.ModelProto, store, source: str, outputs: Sequence[str], width: int, elem_type: int) -> onnx.ModelProto:
+    """The sub-model computing ``outputs`` from the tensor ``source`` (fed as [rows, width]).
+
+    Every node the outputs depend on back to ``source`` is kept, with the initializers it reads
+    (current values from ``store``, so a replayed or pruned state is what runs); value_info is
+    dropped so that onnxruntime infers the shapes of the 2-D feed.
+    """
+    graph = model.graph
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    initializers = {t.name for t in graph.initializer}
+    needed, seen, nodes, used = list(outputs), set(), set(), []
+    while needed:
+        name = needed.pop()
+        if not name or name in seen or name == source:
+            continue
+        seen.add(name)
+        if name in initializers:
+            used.append(name)
+            continue
+        if name not in producer:
+            raise ModelError(f"chain sub-model: '{name}' depends on a model input other than '{source}'")
+        nodes.add(producer[name])
+        needed.extend(graph.node[producer[name]].input)
+    order = [i for i in _node_order(graph) if i in nodes]
+    inits = [numpy_helper.from_array(np.asarray(store.read(name)), name) for name in sorted(used)]
+    sub = helper.make_graph(
+        [graph.node[i] for i in order],
+        "chain",
+        [helper.make_tensor_value_info(source, elem_type, ["rows", width])],
+        [helper.make_tensor_value_info(name, elem_type, ["rows", f"features_{i}"]) for i, name in enumerate(outputs)],
+        inits,
+    )
+    built = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    built.functions.extend(model.functions)
+    return built
+
+
+def _node_order(graph: onnx.GraphProto) -> list[int]:
+    """A topological order of the graph's nodes (the file's own order need not be one)."""
+    produced = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    done: set[int] = set()
+    order: list[int] = []
+
+    def visit(index: int) -> None:
+        stack = [(index, False)]
+        while stack:
+            current, expanded = stack.pop()
+            if current in done:
+                continue
+            if expanded:
+                done.add(current)
+                order.append(current)
+                continue
+            stack.append((current, True))
+            for name in graph.node[current].input:
+                if name in produced and produced[name] not in done:
+                    stack.append((produced[name], False))
+
+    for i in range(len(graph.node)):
+        visit(i)
+    return order
+
+
+def _rounding_allowance(layer, radius: float, unit: float = _F32_UNIT) -> float:
+    """How far evaluation in floating point (unit roundoff ``unit``, 2⁻²⁴ for float32) may move a
+    consumer output, worst case for IEEE rounding in any summation order.
+
+    With γ_m = m·u/(1 − m·u): the sum of n terms is off by ≤ γ_n·Σ|u_ij ψ_j|; each ψ_j by
+    ≤ L·γ_{d+2}·(‖w_j‖r + |b_j|) from its dot product and input rounding, plus 4 units of the
+    activation's own evaluation. Sums of |terms| use sup|ψ_j| over the ball (bounds.activation_sup).
+    """
+    n, d = layer.size, layer.weights.shape[1]
+
+    def gamma(m: int) -> float:
+        return m * unit / max(1.0 - m * unit, 0.5)
+
+    sup = bounds.activation_sup(layer, radius)
+    weights = np.abs(layer.out_weights)
+    terms = weights @ sup
+    lipschitz = layer.activation.lipschitz if layer.multiplier_weights is None else math.inf
+    if math.isfinite(lipschitz):
+        preact = lipschitz * np.abs(layer.post_scale) * (np.linalg.norm(layer.weights, axis=1) * radius + np.abs(layer.bias))
+        inner = gamma(d + 2) * (weights @ preact)
+    else:
+        inner = 1e-4 * terms
+    return float(np.max((gamma(n) + 4 * unit) * terms + inner, initial=0.0))
+
+
+def validate_chains(
+    original,
+    pruned,
+    *,
+    device: str = "auto",
+    probes: int = DEFAULT_CHAIN_PROBES,
+    seed: int = 0,
+) -> tuple[tuple[ChainDeviation, ...], tuple[str, ...], tuple[str, ...]]:
+    """Check every pruned chain against its certificate on sub-models: (deviations, failures, notes).
+
+    The reference for chain k is the original model with the recorded selections of the chains
+    before it applied (``onnxcoreset.plan``), which is exactly what the certificate was computed
+    on; its sub-model runs against the pruned model's on the same probes: ``probes`` points of
+    the chain's ball (half on the sphere) and the points where a gradient search finds the error
+    largest. A chain fails when its largest change exceeds certified bound + rounding allowance
+    (:func:`_rounding_allowance`, for the sub-model's float type).
+    """
+    from . import attack, io, surgery
+    from .chains import find_chains
+    from .coreset import Selection
+    from .neurons import read_layer
+
+    after = _loaded(pruned)
+    meta = _metadata(after.model)
+    if LAYERS_KEY not in meta or PLAN_KEY not in meta:
+        return (), (), ("the pruned model has no onnxcoreset plan; chains were not checked one by one",)
+    base = _loaded(original)
+    layers = {entry["name"]: entry for entry in json.loads(meta[LAYERS_KEY])}
+    plan = decode_plan(meta[PLAN_KEY])
+    chains, _ = find_chains(base.model.graph, base.store)
+    pruned_chains = {c.name: c for c in find_chains(after.model.graph, after.store)[0]}
+    planned = [c for c in chains if c.name in plan]
+    failures, notes, results = [], [], []
+    missing = sorted(set(plan) - {c.name for c in planned} | set(plan) - set(pruned_chains))
+    for name in missing:
+        failures.append(f"chain {name} is in the plan but not found in both models")
+    later_rows = {c.producer.node: plan[c.name][0] for c in planned}
+    refit_consumers = {  # consumers rewritten by a least-squares refit: not replayable from the plan
+        c.node: c_chain.name for c_chain in planned for c in c_chain.consumers
+        if layers.get(c_chain.name, {}).get("reweight") not in (None, "", "none")
+    }
+    types = _elem_types(base.model, [c.producer.input for c in planned])
+    for position, chain in enumerate(planned):
+        kept, scale = plan[chain.name]
+        entry = layers.get(chain.name)
+        if chain.producer.node in refit_consumers:
+            notes.append(f"chain {chain.name}: its producer was refit by chain {refit_consumers[chain.producer.node]}, "
+                         "which the plan cannot replay; it is checked end to end only")
+        elif chain.name in pruned_chains and entry is not None and entry.get("certified_bound") is not None:
+            reference = read_layer(chain, base.store)
+            outputs = [_consumer_output(base.model.graph, c.node) for c in chain.consumers]
+            dtype = types.get(chain.producer.input, onnx.TensorProto.FLOAT)
+            width = reference.weights.shape[1]
+            ref_model = extract(base.model, base.store, chain.producer.input, outputs, width, dtype)
+            other = pruned_chains[chain.name]
+            new_model = extract(after.model, after.store, other.producer.input, outputs, width, dtype)
+            rows = [later_rows.get(c.node) for c in chain.consumers]  # a later chain's producer lost rows
+            result = _check_chain(
+                chain.name, entry, reference, read_layer(other, after.store), ref_model, new_model, rows,
+                device=device, probes=probes, rng=np.random.default_rng([seed, position]), attack=attack,
+            )
+            results.append(result)
+            if not result.ok:
+                failures.append(
+                    f"chain {chain.name} moved by {result.max_abs:.6g} > its certified bound "
+                    f"{result.certified_bound:.6g} (+ {result.tolerance:.2g} rounding allowance)"
+                )
+        surgery.apply(chain, Selection(kept, scale), base.store)
+    return tuple(results), tuple(failures), tuple(notes)
+
+
+def _consumer_output(graph: onnx.GraphProto, index: int) -> str:
+    """A consumer's output, after the Add of a stored bias when one follows (a refit may shift it)."""
+    out = graph.node[index].output[0]
+    readers = [node for node in graph.node if out in node.input]
+    stored = {t.name for t in graph.initializer}
+    if len(readers) == 1 and readers[0].op_type == "Add" and out not in {o.name for o in graph.output}:
+        others = [name for name in readers[0].input if name != out]
+        if len(others) == 1 and others[0] in stored:
+            return readers[0].output[0]
+    return out
+
+
+def _loaded(model):
+    from . import io
+
+    if isinstance(model, onnx.ModelProto):
+        return io.from_proto(model)
+    if isinstance(model, (bytes, bytearray)):
+        return io.from_proto(io.parse(bytes(model)))
+    return io.load(model)
+
+
+def _select_rows(matrix: np.ndarray, blocks: Sequence[int], rows: Sequence[np.ndarray | None], axis: int) -> np.ndarray:
+    """Keep, in each consumer's block of ``axis``, the rows a later chain kept."""
+    parts, start = [], 0
+    for size, keep in zip(blocks, rows):
+        block = np.take(matrix, np.arange(start, start + size), axis=axis)
+        parts.append(block if keep is None else np.take(block, keep, axis=axis))
+        start += size
+    return np.concatenate(parts, axis=axis)
+
+
+def _check_chain(name, entry, reference, pruned_layer, ref_model, new_model, rows, *, device, probes, rng, attack) -> ChainDeviation:
+    radius = float(entry["radius"])
+    bound = float(entry["certified_bound"])
+    ref_sess, new_sess = session(ref_model, device), session(new_model, device)
+    width = reference.weights.shape[1]
+    # Consumer output sizes of the reference, in stacking order, from a one-row run.
+    probe = np.zeros((1, width), dtype=_input_dtype(ref_sess))
+    blocks = [int(np.asarray(o).shape[-1]) for o in ref_sess.run(None, {ref_sess.get_inputs()[0].name: probe})]
+    ref_rows = _select_rows(reference.out_weights, blocks, rows, axis=0)
+    terms = [attack.Term(reference, ref_rows), attack.Term(pruned_layer, -pruned_layer.out_weights)]
+    found = attack.search(terms, radius, rng, steps=60, starts=12, random_points=1024)
+    dtype = _input_dtype(ref_sess)
+    unit = float(np.finfo(dtype).eps) / 2
+    allowance = _rounding_allowance(reference, radius, unit) + _rounding_allowance(pruned_layer, radius, unit)
+    worst, worst_adversarial, seconds = 0.0, 0.0, 0.0
+    total = probes + len(found.points)
+    feed_name = ref_sess.get_inputs()[0].name
+    for start in range(0, total, CHAIN_BATCH):
+        count = min(CHAIN_BATCH, total - start)
+        if start < len(found.points):
+            head = found.points[start : start + count]
+            batch = np.vstack([head, attack.ball_points(count - len(head), width, radius, rng)]) if count > len(head) else head
+        else:
+            head = found.points[:0]
+            batch = attack.ball_points(count, width, radius, rng)
+        batch = batch.astype(dtype)  # the rounding allowance covers this rounding of the probes
+        begin = time.perf_counter()
+        try:
+            before = ref_sess.run(None, {feed_name: batch})
+            after = new_sess.run(None, {new_sess.get_inputs()[0].name: batch})
+        except Exception as exc:
+            raise ModelError(f"onnxruntime failed on chain {name}: {str(exc).splitlines()[0][:300]}") from None
+        seconds += time.perf_counter() - begin
+        expected = _select_rows(np.concatenate([np.asarray(b, np.float64).reshape(count, -1) for b in before], axis=1), blocks, rows, axis=1)
+        got = np.concatenate([np.asarray(a, np.float64).reshape(count, -1) for a in after], axis=1)
+        if expected.shape != got.shape:
+            raise ModelError(f"chain {name}: the pruned sub-model has {got.shape[1]} outputs, the plan says {expected.shape[1]}")
+        diff = np.abs(expected - got)
+        diff = np.where(np.isfinite(diff), diff, np.inf)
+        worst = max(worst, float(diff.max(initial=0.0)))
+        if len(head):
+            worst_adversarial = max(worst_adversarial, float(diff[: len(head)].max(initial=0.0)))
+    return ChainDeviation(
+        name, radius, str(entry.get("radius_kind", "certified" if entry.get("radius_certified") else "assumed")),
+        bound, total, worst, worst_adversarial, allowance, seconds, worst <= bound + allowance,
+        new_sess.get_providers()[0],
+    )
+
+
+def _input_dtype(sess) -> type:
+    return _NUMPY_OF_ORT.get(sess.get_inputs()[0].type, np.float32)
+
+
+def measure_row_norms(model, tensors: Sequence[str], data: Mapping[str, np.ndarray], device: str = "auto") -> dict[str, float]:
+    """The largest L2 norm of a last-axis row of each tensor when the model runs on ``data``.
+
+    The tensors are exposed as extra graph outputs of a copy of the model; rows of all-zero
+    padding count like any other. Tensors the runtime cannot expose are left out.
+    """
+    from . import io
+
+    copy = io.finish(_loaded(model))
+    existing = {o.name for o in copy.graph.output}
+    wanted = [t for t in dict.fromkeys(tensors) if t and t not in existing]
+    types = _elem_types(copy, wanted)
+    for name in wanted:
+        copy.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
+    sess = session(copy, device)
+    inputs = {i.name for i in sess.get_inputs()}
+    feed = {k: np.asarray(v) for k, v in data.items() if k in inputs}
+    if set(feed) != inputs:
+        raise UsageError(f"the data file lacks model input(s) {', '.join(sorted(inputs - set(feed)))}")
+    names = [t for t in tensors if t]
+    try:
+        values = sess.run(names, feed)
+    except Exception as exc:
+        raise ModelError(f"onnxruntime failed while measuring radii: {str(exc).splitlines()[0][:300]}") from None
+    return {name: float(np.max(np.linalg.norm(np.asarray(v, np.float64).reshape(-1, np.shape(v)[-1] if np.ndim(v) else 1), axis=1), initial=0.0))
+            for name, v in zip(names, values)}
+
+
+def capture(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], names: Sequence[str],
+            device: str = "auto") -> dict[str, list[np.ndarray]]:
+    """Run ``model`` on every feed and return the named tensors, one array per feed.
+
+    The model runs with exactly these tensors as its outputs (its own outputs are put back
+    afterwards), so onnxruntime computes only what they need. Names that are graph inputs are
+    taken from the feeds.
+    """
+    inputs = {i.name for i in model.graph.input}
+    wanted = [n for n in dict.fromkeys(names) if n not in inputs]
+    results: dict[str, list[np.ndarray]] = {n: [] for n in dict.fromkeys(names)}
+    if wanted:
+        saved = list(model.graph.output)
+        types = _elem_types(model, wanted)
+        del model.graph.output[:]
+        model.graph.output.extend(helper.make_tensor_value_info(n, types[n], None) for n in wanted)
+        try:
+            sess = session(model, device)
+        finally:
+            del model.graph.output[:]
+            model.graph.output.extend(saved)
+        declared = {i.name for i in sess.get_inputs()}
+    for feed in feeds:
+        if wanted:
+            try:
+                values = sess.run(wanted, {k: v for k, v in feed.items() if k in declared})
+            except Exception as exc:
+                raise ModelError(f"onnxruntime failed on the calibration data: {str(exc).splitlines()[0][:300]}") from None
+            for name, value in zip(wanted, values):
+                results[name].append(np.asarray(value))
+        for name in results:
+            if name in inputs:
+                results[name].append(np.asarray(feed[name]))
+    return results
+
+
+def _elem_types(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, int]:
+    """Element types of tensors, from declared value_info, else shape inference, else float."""
+    infos = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+    types = {i.name: i.type.tensor_type.elem_type for i in infos if i.type.HasField("tensor_type")}
+    if any(name not in types for name in names):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            types.update({i.name: i.type.tensor_type.elem_type for i in inferred.graph.value_info
+                          if i.type.HasField("tensor_type") and i.type.tensor_type.elem_type})
+        except Exception:  # inference is a convenience here; float is the common case
+            pass
+    return {name: types.get(name) or onnx.TensorProto.FLOAT for name in names}
