@@ -36,11 +36,11 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .errors import ModelError, OnnxCoresetError, OutputError, UsageError
-    from .pipeline import PruneConfig, inspect, prune, prune_file
-    from .report import InspectReport, LayerReport, PruneReport, SkippedReport
-    from .validate import ValidationReport
-    from .validate import compare as validate
+    from .errors import ModelError, OnnxCoresetError, OutputError, UsageError  # noqa: F401
+    from .pipeline import PruneConfig, inspect, prune, prune_file  # noqa: F401
+    from .report import InspectReport, LayerReport, PruneReport, SkippedReport  # noqa: F401
+    from .validate import ValidationReport  # noqa: F401
+    from .validate import compare as validate  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -21,8 +21,8 @@ read off a fixed pattern) and any activation with a parameter the probe cannot p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -102,12 +102,12 @@ class Activation:
         low, high = self.range_on(np.asarray(center) - radius, np.asarray(center) + radius)
         return np.maximum(np.abs(low), np.abs(high))
 
-    def sliced(self, keep: np.ndarray, n: int) -> "Activation":
+    def sliced(self, keep: np.ndarray, n: int) -> Activation:
         """The same activation restricted to the kept neurons (per-neuron parameters sliced)."""
         params = {k: (v[keep] if np.ndim(v) and np.shape(v)[-1] == n else v) for k, v in self.params.items()}
         return replace(self, params=params)
 
-    def with_params(self, **params: np.ndarray | float) -> "Activation":
+    def with_params(self, **params: np.ndarray | float) -> Activation:
         return replace(self, params={**self.params, **{k: np.asarray(v, np.float64) for k, v in params.items()}})
 
 

@@ -49,8 +49,11 @@ def row_norms(matrix: np.ndarray) -> np.ndarray:
 
 
 def all_finite(matrix: np.ndarray) -> bool:
-    """Whether every entry is finite, without a boolean temporary the size of the matrix."""
+    """Whether every entry is finite, read a few MiB at a time in the stored type (no conversion)."""
     matrix = np.asarray(matrix)
     if matrix.ndim != 2:
         return bool(np.all(np.isfinite(matrix)))
-    return all(bool(np.isfinite(block).all()) for _, _, block in float64_blocks(matrix))
+    by_columns = matrix.shape[0] > 1 and matrix.shape[1] > 1 and matrix.strides[0] < matrix.strides[1]
+    source = matrix.T if by_columns else matrix  # rows of ``source`` are contiguous
+    step = max(1, BLOCK_ELEMENTS // max(source.shape[1], 1))
+    return all(bool(np.isfinite(source[i : i + step]).all()) for i in range(0, source.shape[0], step))

@@ -76,6 +76,8 @@ def largest_eigenvalue(matrix: np.ndarray) -> float:
     """A sound upper bound on λ_max of a symmetric positive semi-definite matrix."""
     if matrix.size == 0:
         return 0.0
+    if not np.all(np.isfinite(matrix)):  # NaN/Inf weights: no finite bound (and LAPACK would not converge)
+        return math.inf
     top = float(np.linalg.eigvalsh(matrix)[-1])
     return max(top, 0.0) + _EIG_SLACK * float(np.trace(matrix)) + 1e-300
 
@@ -106,6 +108,8 @@ def ball_quadratic_sup(weights: np.ndarray, bias: np.ndarray, share: np.ndarray,
     h = float(beta @ beta)
     trace = float(np.einsum("ij,ij->", b_mat, b_mat)) + h
     slack = _EIG_SLACK * trace * (radius**2 + 1.0) + 1e-300
+    if not (math.isfinite(trace) and math.isfinite(radius)):  # NaN/Inf upstream: no finite bound (eigh would not converge)
+        return math.inf
     if b_mat.size == 0:
         return h + slack
     if b_mat.shape[0] <= b_mat.shape[1]:
@@ -545,10 +549,11 @@ def interval_certificate(layer: HiddenLayer, kept: np.ndarray, scale: np.ndarray
     spread = np.abs(factor) * (0.5 * high - 0.5 * low)
     magnitude = np.abs(factor) * np.maximum(np.abs(low), np.abs(high))
     k = layer.out_weights.shape[0]
-    middle, width, triangle = np.zeros(k), np.zeros(k), np.zeros(k)
+    middle, sums = np.zeros(k), np.zeros((k, 2))
+    positive = np.stack([spread, magnitude], axis=1)  # both sums of |c| in one product
     for rows, cols, block in float64_blocks(layer.out_weights):
         middle[rows] += block @ centre[cols]
         np.abs(block, out=block)  # a scratch copy: safe to overwrite
-        width[rows] += block @ spread[cols]
-        triangle[rows] += block @ magnitude[cols]
+        sums[rows] += block @ positive[cols]
+    width, triangle = sums[:, 0], sums[:, 1]
     return float(np.max(np.abs(middle) + width + ROUNDING_SLACK * triangle, initial=0.0))

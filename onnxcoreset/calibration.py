@@ -58,9 +58,10 @@ class Samples:
     def rows(self) -> int:
         return int(self.current.shape[0])
 
-    def moments(self) -> compensate.Moments:
+    def moments(self, out_weights: np.ndarray) -> compensate.Moments:
+        """The refit's moments for consumers with weights ``out_weights`` [k, n]."""
         same = self.current is self.original
-        return compensate.Moments.of(self.current, None if same else self.original)
+        return compensate.Moments.of(self.current, None if same else self.original, out_weights)
 
     def split(self, holdout: float, rng: np.random.Generator) -> tuple[Samples, Samples]:
         """(fit, held-out) parts, whole samples to one side, about ``holdout`` of them held out."""

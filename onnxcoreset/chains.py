@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -504,7 +505,7 @@ def subgraph_activation(view: GraphView, start: str) -> tuple[Step, list[int], s
     changed = True
     while changed and len(region) <= _MAX_SUBGRAPH_NODES:
         changed = False
-        for tensor in list(known):
+        for tensor in list(known):  # a copy: the loop body adds to `known`
             for index in view.readers.get(tensor, []):
                 node = view.graph.node[index]
                 if index in region or not _evaluable(view, node):

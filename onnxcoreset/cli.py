@@ -11,7 +11,8 @@ Exit codes (every failure prints exactly one line on stderr, never a traceback):
       that cannot be written or would overwrite the input. Nothing is written.
 * 3   an internal error, i.e. a bug in onnxcoreset (please report it; --debug shows the traceback).
       Nothing is written.
-* 130 interrupted (Ctrl-C), 143 terminated (SIGTERM): temporary files are removed, nothing is written.
+* 130 interrupted (Ctrl-C), 143 terminated (SIGTERM): temporary files are removed; the output is
+      complete if the run had already placed it, else absent (it is renamed into place atomically).
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ def _run(action) -> None:
     except OnnxCoresetError as exc:
         _fail(f"error: {_one_line(exc)}", exc.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+        _fail("interrupted; temporary files were removed", EXIT_INTERRUPTED)
     except _Terminated:
-        _fail("terminated; nothing was written", EXIT_TERMINATED)
+        _fail("terminated; temporary files were removed", EXIT_TERMINATED)
     except SystemExit:
         raise
     except OSError as exc:

@@ -20,20 +20,22 @@ from __future__ import annotations
 import contextlib
 import heapq
 import math
+import mmap
 import os
 import re
 import signal
 import stat
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterator
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import protowire
 from .errors import ModelError, OutputError, ResourceError, UsageError
 
 EXTERNAL_THRESHOLD_BYTES = 1024  # tensors at least this big go to the external-data file
@@ -376,7 +378,7 @@ class WeightStore:
 def _decode(tensor: TensorProto, name: str) -> np.ndarray:
     try:
         array = numpy_helper.to_array(tensor)
-    except Exception as exc:  # a corrupt tensor is a model error, not a crash
+    except Exception as exc:  # noqa: BLE001 (a corrupt tensor is a model error, not a crash)
         raise ModelError(f"tensor '{name}' cannot be decoded: {str(exc).splitlines()[0][:200]}") from None
     array.flags.writeable = False
     return array
@@ -410,10 +412,11 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Path | None
     store: WeightStore
+    in_place: frozenset[str] = frozenset()  # initializers of a single-file model read where they lie in it
 
     @property
     def has_external_data(self) -> bool:
-        return any(_is_external(t) for t in iter_tensors(self.model.graph))
+        return any(_is_external(t) and t.name not in self.in_place for t in iter_tensors(self.model.graph))
 
     def input_files(self) -> list[Path]:
         """The model file and every external-data file it reads (what must never be modified)."""
@@ -428,7 +431,7 @@ class LoadedModel:
 
 def _newest_opsets() -> dict[str, int]:
     newest: dict[str, int] = {}
-    for (domain, version), _ in helper.OP_SET_ID_VERSION_MAP.items():
+    for domain, version in helper.OP_SET_ID_VERSION_MAP:
         newest[domain] = max(newest.get(domain, 0), version)
     newest[""] = max(newest.get("ai.onnx", 0), onnx.defs.onnx_opset_version())
     return newest
@@ -551,7 +554,7 @@ def _check_graph_structure(graph: onnx.GraphProto, context, outer: frozenset[str
                 )
         try:
             onnx.checker.check_node(_stub_subgraphs(node) if _has_subgraph(node) else node, context)
-        except Exception as exc:  # ValidationError, or SchemaError for a broken attribute
+        except Exception as exc:  # noqa: BLE001 (ValidationError, or SchemaError for a broken attribute)
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{origin}: {_node_label(node, index)} ({node.op_type}) is malformed: {detail[:300]}") from None
         for attr in node.attribute:
@@ -583,22 +586,67 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
             f"{path}: {_human(status.st_size)} is more than a protobuf can hold (2 GiB), so it is not an ONNX "
             "model (large models keep their weights in external data)"
         )
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot be read ({exc.strerror})") from None
-    model = parse(data, str(path))
-    del data
+    model, in_place = _parse_in_place(path), frozenset()
+    if model is not None:
+        in_place = frozenset(t.name for t in model.graph.initializer if _is_external(t))
+    else:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot be read ({exc.strerror})") from None
+        model = parse(data, str(path))
+        del data
     check_tensors(model, path.parent, str(path))
     check_structure(model, str(path))
-    return LoadedModel(model, path, WeightStore(model, path.parent))
+    return LoadedModel(model, path, WeightStore(model, path.parent), in_place)
+
+
+IN_PLACE_MIN_BYTES = 64 << 10  # initializers of single-file models at least this big are read in place
+
+
+def _parse_in_place(path: Path) -> onnx.ModelProto | None:
+    """Parse a single-file model without copying its large initializers: each is pointed at where its
+    bytes lie in the model file (as external data located in the file itself), for WeightStore to
+    memory-map. Every safety check then applies to these references as to any external data.
+
+    None where this does not apply or anything is unusual (the plain parse then runs, and gives the
+    usual errors): no large initializer, a name the location checks would refuse, a symlink out of
+    the folder, wire encodings protowire does not handle, or data that disagrees with its shape.
+    """
+    try:
+        _check_location(path.name, path.name)
+        if path.resolve().parent != path.parent.resolve():
+            return None
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            stripped, spans = protowire.strip_initializer_data(mapped, IN_PLACE_MIN_BYTES)
+    except (OSError, ValueError, RuntimeError, ModelError):
+        return None
+    if not spans:
+        return None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(stripped)
+        _check_versions(model, str(path))
+        tensors = model.graph.initializer
+        for span in spans:
+            tensor = tensors[span.index]
+            usable = tensor.data_type not in (TensorProto.STRING, TensorProto.UNDEFINED) and not tensor.external_data
+            if not usable or tensor.HasField("data_location") or _has_inline_data(tensor) or tensor_nbytes(tensor) != span.length:
+                return None
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", path.name), ("offset", str(span.offset)), ("length", str(span.length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    except Exception:  # noqa: BLE001 (any surprise: let the plain parse report it)
+        return None
+    return model
 
 
 def parse(data: bytes, origin: str = "model") -> onnx.ModelProto:
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
-    except Exception:  # protobuf raises DecodeError, and RuntimeError for some corruptions
+    except Exception:  # noqa: BLE001 (protobuf raises DecodeError, and RuntimeError for some corruptions)
         raise ModelError(f"{origin}: not an ONNX model (the protobuf cannot be parsed)") from None
     _check_versions(model, origin)
     return model
@@ -721,6 +769,63 @@ def _tensor_bytes_chunks(store: WeightStore, tensor: TensorProto) -> Iterator[by
     yield _raw_view(_decode(tensor, name), tensor.data_type)
 
 
+def _file_chunks(ref: ExternalRef, name: str) -> Iterator[bytes]:
+    """The bytes at a checked external reference, read in chunks (no mapping, no whole copy)."""
+    with open(ref.path, "rb") as handle:
+        handle.seek(ref.offset)
+        remaining = ref.length
+        while remaining:
+            chunk = handle.read(min(_COPY_CHUNK, remaining))
+            if not chunk:
+                raise ModelError(f"external data of '{name}' ended early")
+            remaining -= len(chunk)
+            yield chunk
+
+
+def _metadata_only(tensor: TensorProto, shape: tuple[int, ...]) -> None:
+    """Empty a tensor proto of its data, keeping name, type, doc string and the given shape."""
+    name, data_type, doc = tensor.name, tensor.data_type, tensor.doc_string
+    tensor.Clear()
+    tensor.name, tensor.data_type = name, data_type
+    if doc:
+        tensor.doc_string = doc
+    tensor.dims.extend(shape)
+
+
+def _detach_initializers(
+    loaded: LoadedModel,
+) -> tuple[frozenset[int], dict[int, tuple[int, Callable[[], Iterable[bytes | memoryview]]]]]:
+    """For a single-file output: empty the large initializers whose bytes are replacements (memory)
+    or on disk (read in place, or external), and return their proto ids and, by initializer index,
+    (byte count, chunk source) for protowire.write_with_initializer_data: serialising the model then
+    copies none of their bytes."""
+    store = loaded.store
+    detached: set[int] = set()
+    sources: dict[int, tuple[int, Callable[[], Iterable[bytes | memoryview]]]] = {}
+    for index, tensor in enumerate(loaded.model.graph.initializer):
+        name = tensor.name
+        if tensor.data_type == TensorProto.STRING or name not in store or store.proto(name) is not tensor:
+            continue
+        if name in store.replaced:
+            array, data_type = store.replaced[name], tensor.data_type
+            raw = _raw_view(array, data_type)
+            count, shape = len(raw), tuple(array.shape)
+            source: Callable[[], Iterable[bytes | memoryview]] = lambda raw=raw: [raw]
+        elif _is_external(tensor):
+            ref = store.external_ref(name)
+            assert ref is not None
+            count, shape = ref.length, tuple(int(d) for d in tensor.dims)
+            source = lambda ref=ref, name=name: _file_chunks(ref, name)
+        else:
+            continue
+        if count < IN_PLACE_MIN_BYTES:
+            continue
+        _metadata_only(tensor, shape)
+        detached.add(id(tensor))
+        sources[index] = (count, source)
+    return frozenset(detached), sources
+
+
 def _external_candidates(loaded: LoadedModel) -> list[TensorProto]:
     seen: set[int] = set()
     tensors = []
@@ -828,15 +933,15 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     path = Path(path)
     folder = _check_target(path)
     try:
-        handle = tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from None
     try:
-        with handle:
+        with os.fdopen(descriptor, "w") as handle:
             handle.write(text)
-        os.replace(handle.name, path)
+        os.replace(temporary, path)
     except BaseException as exc:
-        Path(handle.name).unlink(missing_ok=True)
+        Path(temporary).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from None
         raise
@@ -898,21 +1003,28 @@ def stage(
     staged = StagedOutput(out_path, staging, [])
     try:
         written: frozenset[int] = frozenset()
+        streamed: dict[int, tuple[int, Callable[[], Iterable[bytes | memoryview]]]] = {}
         if external:
             with open(staging / data_name, "wb") as handle:
                 staged.files.append(data_name)
                 written = _write_external(loaded, handle, data_name)
+        else:
+            written, streamed = _detach_initializers(loaded)
         loaded.store.materialize(written)
         sort_nodes(loaded.model.graph)  # last: materialize writes into the node protos it references
         try:
             payload = loaded.model.SerializeToString(deterministic=True)
         except ValueError as exc:
             raise OutputError(f"{out_path}: the model cannot be serialised ({exc})") from None
-        if len(payload) > PROTOBUF_LIMIT:
-            raise OutputError(f"{out_path}: the model is over 2 GiB even with its weights in external data")
+        if len(payload) + sum(n + 32 for n, _ in streamed.values()) > PROTOBUF_LIMIT:
+            where = "even with its weights in external data" if external else "in one file; save it with external data"
+            raise OutputError(f"{out_path}: the model is over 2 GiB {where}")
         with open(staging / out_path.name, "wb") as handle:
             staged.files.append(out_path.name)
-            handle.write(payload)
+            if streamed:  # the large initializers' bytes go from memory or disk straight to the file
+                protowire.write_with_initializer_data(handle, payload, streamed)
+            else:
+                handle.write(payload)
         return staged
     except OSError as exc:
         staged.discard()

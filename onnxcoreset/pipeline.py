@@ -276,6 +276,7 @@ def prune_loaded(
     view = GraphView(model.graph, store)
     params_before = _param_count(store, _all_weights(model, store))
     known: dict[str, radii.Radius] = {}
+    propagated: dict = {}  # radii.chain_radius's cache, shared by the chains (in topological order)
     links: list[radii.ChainLink] = []
     layers: list[LayerReport] = []
     planner = _planner(loaded, chains, config, calibration_data, device)
@@ -287,7 +288,7 @@ def prune_loaded(
             continue
         large = _is_large(layer)
         layer = layer if large else _in_float64(layer)
-        where = radii.chain_radius(view, chain.producer.input, config.beta, known, measured, measured_from)
+        where = radii.chain_radius(view, chain.producer.input, config.beta, known, measured, measured_from, propagated)
         radius = where.value
         if not math.isfinite(radius):  # e.g. an earlier layer, skipped, holds Inf weights
             skipped.append(Skipped(chain.name, f"its input radius is not finite ({radius}): NaN or Inf weights upstream"))
@@ -444,8 +445,8 @@ def check(model_path: Path, source: Path | None = None) -> None:
         if source is not None:
             try:
                 onnx.checker.check_model(str(source), full_check=True)
-            except Exception as source_exc:
-                raise ModelError(f"{source}: the input model fails onnx.checker: {_first_line(source_exc)}") from None
+            except Exception:  # the output's reason is the informative one: its nodes are sorted
+                raise ModelError(f"{source}: the input model fails onnx.checker too: {_first_line(exc)}") from None
         raise ModelError(f"the pruned model fails onnx.checker: {_first_line(exc)}") from None
 
 

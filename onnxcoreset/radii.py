@@ -31,6 +31,10 @@ CERTIFIED, MEASURED, ASSUMED = "certified", "measured", "assumed"
 _TRUST = {CERTIFIED: 0, MEASURED: 1, ASSUMED: 2}
 _MAX_DEPTH = 64
 _MAX_CONSTANT = 1 << 24  # elements read to propagate through a Gemm/MatMul (128 MiB as float64)
+# Bounding ‖Wx + b‖ on the ball takes eigen-decompositions of the smaller Gram matrix of W, about
+# min(n, d)²·max(n, d) operations: 1 s for a 1024×2048 weight, minutes for a deep stack of them,
+# far more than reading the model. Past this many the radius is not propagated (β is assumed).
+_MAX_PROPAGATION_COST = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,17 @@ _NORMS = {
 }
 
 
+def _via(how: str, step: str) -> str:
+    """Where a radius came from, kept to one short line: its origin and the last step taken."""
+    return f"{how.split(' → ', 1)[0]} → … → {step}" if " → " in how else f"{how} → {step}"
+
+
 class _Stop(Exception):
     """Raised inside propagation with the reason the radius cannot be followed further."""
 
 
-def tensor_radius(view: GraphView, tensor: str, beta: float, known: Mapping[str, Radius]) -> Radius:
+def tensor_radius(view: GraphView, tensor: str, beta: float, known: Mapping[str, Radius],
+                  cache: dict[str, Radius | _Stop] | None = None) -> Radius:
     """A sound radius for every row of ``tensor``, or _Stop with the reason it cannot be found.
 
     Rules (r is the input's radius, n the row length):
@@ -128,7 +138,7 @@ def tensor_radius(view: GraphView, tensor: str, beta: float, known: Mapping[str,
     constant: max|c|·r, r/min|c|; Add of two tensors: r₁ + r₂; an activation op with φ(0) = 0
     and Lipschitz L: L·r, a bounded one: √n·sup|φ|, otherwise L·r + √n·|φ(0)|.
     """
-    return _radius(view, tensor, beta, known, 0, {})
+    return _radius(view, tensor, beta, known, 0, {} if cache is None else cache)
 
 
 def _radius(view: GraphView, tensor: str, beta: float, known: Mapping[str, Radius], depth: int,
@@ -164,7 +174,7 @@ def _propagate(view: GraphView, tensor: str, beta: float, known: Mapping[str, Ra
         return _radius(view, name, beta, known, depth + 1, seen)
 
     def derived(value: float, source: Radius) -> Radius:
-        return Radius(value, source.kind, f"{source.how} → {op}")
+        return Radius(value, source.kind, _via(source.how, f"{label} ({op})"))
 
     n = _row_length(view, tensor)
     if domain == "" and op in ("Identity", "Dropout"):
@@ -198,6 +208,9 @@ def _propagate(view: GraphView, tensor: str, beta: float, known: Mapping[str, Ra
             return Radius(value, CERTIFIED, f"{op} {label} (γ, β)")
         raise _Stop(f"{label} ({op}) normalises other axes or has non-constant γ, β")
     if domain == "" and op in ("Gemm", "MatMul") and len(node.input) > 1 and view.is_static(node.input[1]):
+        shape = view.store.shape(node.input[1])
+        if len(shape) == 2 and min(shape) ** 2 * max(shape) > _MAX_PROPAGATION_COST:
+            raise _Stop(f"{label} ({op}): its {shape[0]}×{shape[1]} weight is too large to bound its norm quickly")
         weight = _constant(view, node.input[1])
         attrs = _attrs(node)
         if weight is not None and weight.ndim == 2 and not attrs.get("transA", 0):
@@ -217,7 +230,7 @@ def _propagate(view: GraphView, tensor: str, beta: float, known: Mapping[str, Ra
             if op != "Add" and op != "Sub":
                 raise _Stop(f"{label} ({op}) multiplies two tensors")
             first, second = upstream(node.input[0]), upstream(node.input[1])
-            return Radius(first.value + second.value, _weakest(first.kind, second.kind), f"({first.how}) + ({second.how})")
+            return Radius(first.value + second.value, _weakest(first.kind, second.kind), _via(first.how, f"{label} (Add of two paths)"))
         if constants[0] is not None and constants[1] is not None:
             raise _Stop(f"{label} ({op}) is constant")
         position = 0 if constants[0] is None else 1
@@ -266,10 +279,17 @@ def chain_radius(
     known: Mapping[str, Radius],
     measured: Mapping[str, float] | None = None,
     measured_from: str = "data",
+    cache: dict[str, Radius | _Stop] | None = None,
 ) -> Radius:
-    """The radius a chain reading ``tensor`` is certified on: certified, else measured, else assumed."""
+    """The radius a chain reading ``tensor`` is certified on: certified, else measured, else assumed.
+
+    ``cache`` (one dict for all chains of a model, pruned in topological order) keeps the radii
+    already propagated: they are radii of ancestors of earlier chains' inputs, which no later
+    pruning changes (a later chain's weights are never upstream of an earlier chain's input), so a
+    deep residual stack costs one spectral norm per weight instead of one per weight per chain.
+    """
     try:
-        return tensor_radius(view, tensor, beta, known)
+        return tensor_radius(view, tensor, beta, known, cache)
     except _Stop as stop:
         if measured and tensor in measured:
             return Radius(float(measured[tensor]), MEASURED, f"measured on {measured_from}; {stop}")

@@ -96,8 +96,8 @@ class Context:
                 samples = self.data if kind == "data" else self.probes
                 assert samples is not None
                 fit, held = self._split(kind, samples)
-                self.cache[(kind, "fit")] = fit.moments()
-                self.cache[(kind, "holdout")] = self.cache[(kind, "fit")] if held is fit else held.moments()
+                self.cache[(kind, "fit")] = fit.moments(self.layer.out_weights)
+                self.cache[(kind, "holdout")] = self.cache[(kind, "fit")] if held is fit else held.moments(self.layer.out_weights)
         return self.cache[key]
 
     def _split(self, kind: str, samples: Samples) -> tuple[Samples, Samples]:
@@ -134,13 +134,15 @@ def _select(choice: Choice, chain: Context, part: str, rng: np.random.Generator)
     if choice.sup != "ball":
         if chain.data is None:
             raise ValueError(f"sup '{choice.sup}' needs calibration data")
-        sup = compensate.data_sup(chain.data.current, choice.sup)
+        if ("sup", choice.sup) not in chain.cache:
+            chain.cache[("sup", choice.sup)] = compensate.data_sup(chain.data.current, choice.sup)
+        sup = chain.cache[("sup", choice.sup)]
     sensitivity = coreset.sensitivities(layer.out_weights, sup)
     if chain.target >= layer.size:
         return coreset.identity(layer.size), sensitivity
     if choice.selection == "greedy-ls":
         moments = chain.moments(_fit_source(choice, chain), part)
-        kept = compensate.greedy_selection(moments, layer.out_weights, chain.target)
+        kept = compensate.greedy_selection(moments, chain.target)
         return Selection(kept, np.ones(kept.size)), sensitivity
     if choice.selection == "coreset-vr":
         return coreset.variance_reduced(sensitivity, chain.target, rng), sensitivity
@@ -158,8 +160,8 @@ def _refit(choice: Choice, chain: Context, selection: Selection, part: str) -> c
 def relative_error(moments: compensate.Moments, out_weights: np.ndarray, selection: Selection, refit: compensate.Refit | None) -> float:
     """E‖e‖² over the energy E‖Uh − E[Uh]‖² of the consumers' pre-activations (0: exact, 1: as bad as a constant)."""
     refit = refit or compensate.unchanged(out_weights, selection.kept, selection.scale)
-    energy = compensate.output_energy(moments, out_weights)
-    error = compensate.mean_squared_error(moments, out_weights, selection.kept, refit)
+    energy = compensate.output_energy(moments)
+    error = compensate.mean_squared_error(moments, selection.kept, refit)
     return error / energy if energy > 0 else (0.0 if error == 0 else float("inf"))
 
 

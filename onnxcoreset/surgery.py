@@ -42,9 +42,8 @@ def apply(chain: Chain, selection: Selection, store: WeightStore) -> None:
     _take(store, chain.producer.weight.tensor, kept, chain.producer.weight.neuron_axis)
     if chain.producer.bias and _is_per_neuron(store, chain.producer.bias, chain.size):
         _take(store, chain.producer.bias, kept, -1)
-    for step in chain.steps:
-        for tensor, axis in step.sliced:
-            _take(store, tensor, kept, axis)
+    for tensor, axis in dict.fromkeys(pair for step in chain.steps for pair in step.sliced):  # once each: a node
+        _take(store, tensor, kept, axis)  # may read one tensor twice (BatchNormalization(x, m, t, m, v))
     for consumer in chain.consumers:
         _take(store, consumer.weight.tensor, kept, consumer.weight.neuron_axis, selection.scale)
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import bounds
+from . import attack, bounds
 from .errors import ModelError, UsageError
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ class ValidationReport:
 def _ort():
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)  # its provider-fallback warnings would drown our one-line report
+    ort.set_default_logger_severity(4)  # its warnings and errors would break our one-line report (errors
+    # come back as exceptions, which say the same on that line)
     return ort
 
 
@@ -105,7 +106,7 @@ def session(model: str | Path | onnx.ModelProto | bytes, device: str = "auto"):
     """An InferenceSession, or ModelError with onnxruntime's reason on one line."""
     ort = _ort()
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model) if isinstance(model, Path) else model
     wanted = providers(device)
     try:
@@ -263,6 +264,7 @@ def compare(
 LAYERS_KEY = "onnxcoreset.layers"
 PLAN_KEY = "onnxcoreset.plan"
 CHAIN_BATCH = 16384  # probe rows per onnxruntime call on a chain sub-model
+SEARCHED_MAX_ENTRIES = 1 << 21  # weights of a chain beyond which no adversarial search is run
 _F32_UNIT = 2.0**-24
 
 
@@ -389,15 +391,25 @@ def _rounding_allowance(layer, radius: float, unit: float = _F32_UNIT) -> float:
         return m * unit / max(1.0 - m * unit, 0.5)
 
     sup = bounds.activation_sup(layer, radius)
-    weights = np.abs(layer.out_weights)
-    terms = weights @ sup
+    terms = _abs_times(layer.out_weights, sup)
     lipschitz = layer.activation.lipschitz if layer.multiplier_weights is None else math.inf
     if math.isfinite(lipschitz):
-        preact = lipschitz * np.abs(layer.post_scale) * (np.linalg.norm(layer.weights, axis=1) * radius + np.abs(layer.bias))
-        inner = gamma(d + 2) * (weights @ preact)
+        preact = lipschitz * np.abs(layer.post_scale) * (layer.weight_norms * radius + np.abs(layer.bias))
+        inner = gamma(d + 2) * _abs_times(layer.out_weights, preact)
     else:
         inner = 1e-4 * terms
     return float(np.max((gamma(n) + 4 * unit) * terms + inner, initial=0.0))
+
+
+def _abs_times(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """|M| @ v in float64, a few MiB of M at a time (M may be a large float32 view)."""
+    from .blockwise import float64_blocks
+
+    result = np.zeros(matrix.shape[0])
+    for rows, cols, block in float64_blocks(matrix):
+        np.abs(block, out=block)
+        result[rows] += block @ vector[cols]
+    return result
 
 
 def validate_chains(
@@ -417,7 +429,7 @@ def validate_chains(
     largest. A chain fails when its largest change exceeds certified bound + rounding allowance
     (:func:`_rounding_allowance`, for the sub-model's float type).
     """
-    from . import attack, io, surgery
+    from . import surgery
     from .chains import find_chains
     from .coreset import Selection
     from .neurons import read_layer
@@ -459,7 +471,7 @@ def validate_chains(
             rows = [later_rows.get(c.node) for c in chain.consumers]  # a later chain's producer lost rows
             result = _check_chain(
                 chain.name, entry, reference, read_layer(other, after.store), ref_model, new_model, rows,
-                device=device, probes=probes, rng=np.random.default_rng([seed, position]), attack=attack,
+                device=device, probes=probes, rng=np.random.default_rng([seed, position]),
             )
             results.append(result)
             if not result.ok:
@@ -503,7 +515,8 @@ def _select_rows(matrix: np.ndarray, blocks: Sequence[int], rows: Sequence[np.nd
     return np.concatenate(parts, axis=axis)
 
 
-def _check_chain(name, entry, reference, pruned_layer, ref_model, new_model, rows, *, device, probes, rng, attack) -> ChainDeviation:
+def _check_chain(name, entry, reference, pruned_layer, ref_model, new_model, rows, *, device, probes, rng) -> ChainDeviation:
+    """One chain's sub-models on its ball: random points and the adversarial ones, in batches."""
     radius = float(entry["radius"])
     bound = float(entry["certified_bound"])
     ref_sess, new_sess = session(ref_model, device), session(new_model, device)
@@ -512,21 +525,25 @@ def _check_chain(name, entry, reference, pruned_layer, ref_model, new_model, row
     probe = np.zeros((1, width), dtype=_input_dtype(ref_sess))
     blocks = [int(np.asarray(o).shape[-1]) for o in ref_sess.run(None, {ref_sess.get_inputs()[0].name: probe})]
     ref_rows = _select_rows(reference.out_weights, blocks, rows, axis=0)
-    terms = [attack.Term(reference, ref_rows), attack.Term(pruned_layer, -pruned_layer.out_weights)]
-    found = attack.search(terms, radius, rng, steps=60, starts=12, random_points=1024)
+    if reference.weights.size + reference.out_weights.size <= SEARCHED_MAX_ENTRIES:
+        terms = [attack.Term(reference, ref_rows), attack.Term(pruned_layer, -pruned_layer.out_weights)]
+        found = attack.search(terms, radius, rng, steps=60, starts=12, random_points=1024)
+        adversarial = found.points
+    else:  # the search costs minutes on layers this size; random probes only
+        adversarial = np.zeros((0, width))
     dtype = _input_dtype(ref_sess)
     unit = float(np.finfo(dtype).eps) / 2
     allowance = _rounding_allowance(reference, radius, unit) + _rounding_allowance(pruned_layer, radius, unit)
     worst, worst_adversarial, seconds = 0.0, 0.0, 0.0
-    total = probes + len(found.points)
+    total = probes + len(adversarial)
     feed_name = ref_sess.get_inputs()[0].name
     for start in range(0, total, CHAIN_BATCH):
         count = min(CHAIN_BATCH, total - start)
-        if start < len(found.points):
-            head = found.points[start : start + count]
+        if start < len(adversarial):
+            head = adversarial[start : start + count]
             batch = np.vstack([head, attack.ball_points(count - len(head), width, radius, rng)]) if count > len(head) else head
         else:
-            head = found.points[:0]
+            head = adversarial[:0]
             batch = attack.ball_points(count, width, radius, rng)
         batch = batch.astype(dtype)  # the rounding allowance covers this rounding of the probes
         begin = time.perf_counter()
@@ -560,7 +577,7 @@ def measure_row_norms(model, tensors: Sequence[str], data: Mapping[str, np.ndarr
     """The largest L2 norm of a last-axis row of each tensor when the model runs on ``data``.
 
     The tensors are exposed as extra graph outputs of a copy of the model; rows of all-zero
-    padding count like any other. Tensors the runtime cannot expose are left out.
+    padding count like any other.
     """
     from . import io
 

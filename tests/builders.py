@@ -9,6 +9,7 @@ sliced weights, checker, onnxruntime, IR/opset kept.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -448,7 +449,7 @@ DEEP_SIZES = (20, 30, 24, 12, 5)  # LeNet-300-100 in miniature, one more hidden 
 def deep_mlp(rng: np.random.Generator) -> Built:
     """x -> [Gemm(transB=1) -> Relu] x3 -> Gemm: each layer's consumer is the next one's producer."""
     nodes, inits, current = [], [], "x"
-    for index, (fan_in, fan_out) in enumerate(zip(DEEP_SIZES, DEEP_SIZES[1:])):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(DEEP_SIZES)):
         last = index == len(DEEP_SIZES) - 2
         out = "y" if last else f"h{index}"
         nodes.append(helper.make_node("Gemm", [current, f"W{index}", f"b{index}"], [out], name=f"fc{index}", transB=1))

@@ -11,14 +11,13 @@ those against their own numpy forward pass instead.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from builders import Built, chain_form, model, weights
+from onnx import TensorProto, helper, numpy_helper
 
 D, N, K = 12, 16, 5
 MS = "com.microsoft"
@@ -171,7 +170,7 @@ def _erf_gelu(order: str, as_node: bool = False, mul_inverse: bool = False) -> M
     """GELU as exporters spell it; ``order`` names operand orders, ``as_node`` makes constants Constant nodes."""
 
     def middle(g: Graph, h: str) -> str:
-        c = lambda name, v: g.const(name, v, as_node=as_node)  # noqa: E731
+        c = lambda name, v: g.const(name, v, as_node=as_node)
         if mul_inverse:
             scaled = g.node("Mul", [h, c("inv_sqrt2", 1 / math.sqrt(2))])
         else:

@@ -111,7 +111,7 @@ def reference_range(act, lo: float, hi: float) -> tuple[float, float]:
     grid = np.linspace(lo, hi, 4001)
     values = act(grid)
     low, high = float(values.min()), float(values.max())
-    scalar = lambda t: float(act(np.array([t]))[0])  # noqa: E731
+    scalar = lambda t: float(act(np.array([t]))[0])
     left, middle, right = values[:-2], values[1:-1], values[2:]
     # Strict on at least one side: plateaus need no refinement, their value is already on the grid.
     minima = (middle <= left) & (middle <= right) & ((middle < left) | (middle < right))

@@ -7,17 +7,17 @@ the model's outputs stay bit-identical.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import CHAIN_FORMS, DEEP_SIZES, constants_of, float_input, init, model, weights
 from onnx import TensorProto, helper
 
 import onnxcoreset
-from builders import DEEP_SIZES, CHAIN_FORMS, constants_of, float_input, init, model, weights
 
 D, N, K = 12, 16, 5
 
@@ -123,6 +123,20 @@ def weight_shared_with_another_node(rng):
     m = model(nodes, inputs, outputs, mlp_inits(rng))
     feed = xfeed(rng) | {"x2": rng.standard_normal((3, D)).astype(np.float32)}
     return Negative(m, feed, "fc1", "weight initializer 'W1' is also read by tied")
+
+
+def bias_shared_with_another_node(rng):
+    """b1 is also the bias of a second Gemm: slicing it would change that layer too."""
+    nodes = [
+        fc(["x", "W1", "b1"], "h", "fc1"),
+        helper.make_node("Relu", ["h"], ["a"], name="relu1"),
+        fc(["a", "W2", "b2"], "y", "fc2"),
+        helper.make_node("Gemm", ["x", "V", "b1"], ["z"], name="other", transB=1),
+    ]
+    inits = mlp_inits(rng) + [init("V", weights(rng, D, N).T.copy())]
+    outputs = [float_input("y", ["batch", K]), float_input("z", ["batch", N])]
+    m = model(nodes, [float_input("x", ["batch", D])], outputs, inits)
+    return Negative(m, xfeed(rng), "fc1", "bias 'b1' is also read by another node")
 
 
 def producer_gemm_trans_a(rng):
@@ -306,6 +320,7 @@ NEGATIVES: dict[str, Callable[[np.random.Generator], Negative]] = {
         producer_weight_is_graph_input,
         weight_initializer_overridable_as_input,
         weight_shared_with_another_node,
+        bias_shared_with_another_node,
         producer_gemm_trans_a,
         consumer_gemm_trans_a,
         integer_weights,

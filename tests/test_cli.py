@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import CHAIN_FORMS
 from click.testing import CliRunner, Result
 from onnx import numpy_helper
 
 from onnxcoreset.cli import main
-
-from builders import CHAIN_FORMS
 
 
 def invoke(*args: str) -> Result:
@@ -66,6 +65,9 @@ def test_prune_writes_a_smaller_model_and_the_report(deep, tmp_path):
         ("fc2", "relu", 12, 6),
     ]
     assert [(s["name"], s["reason"]) for s in report["skipped"]] == [("fc3", "tensor 'y' is a graph output")]
+    for layer in report["layers"]:  # the plan, replayable: kept indices, their scales, and m
+        assert len(layer["kept"]) == len(layer["scale"]) == layer["neurons_after"]
+        assert layer["draws"] >= layer["neurons_after"]
     assert report["validation"]["ok"] is True
     assert [o["name"] for o in report["validation"]["outputs"]] == ["y"]
     # the terminal table: layers, parameters, skipped, and the per-output deviations
@@ -240,3 +242,15 @@ def test_console_script_end_to_end(deep, tmp_path):
                          check=False, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+
+
+def test_device_cuda_without_a_gpu_exits_2(deep, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and Path("/dev/nvidia0").exists():
+        pytest.skip("this machine has a CUDA GPU")
+    out = tmp_path / "o.onnx"
+    result = invoke("prune", deep, out, "--keep", "0.5", "--device", "cuda")
+    assert_one_line_error(result, 2, "--device cuda")
+    assert not out.exists()
+    assert invoke("prune", deep, out, "--keep", "0.5", "--device", "auto", "--probes", "4").exit_code == 0

@@ -269,6 +269,7 @@ def test_residual_branches_are_followed_once(rng):
     proto = _single_chain_after(nodes, inits, 6)
     start = time.perf_counter()
     radius = _chain_radius(proto, beta=2.0)
-    assert time.perf_counter() - start < 5.0
+    # 2²⁵ steps would take hours; a minute only guards against that on a loaded machine
+    assert time.perf_counter() - start < 60.0
     expected = 2.0 * np.prod(1 + scales.astype(np.float32).astype(np.float64))
     assert radius.kind == radii.CERTIFIED and radius.value == pytest.approx(expected, rel=1e-9)

@@ -3,6 +3,9 @@
 Tolerances: keep-all must be bit-for-bit; onnxruntime against onnx's numpy reference evaluator
 on the same pruned weights within 1e-5 relative + 1e-5 absolute (float32 accumulation order);
 dropping neurons whose outgoing weights are zero must be exact within 1e-5 (float32 sums).
+The MLP forms with a numpy reference (builders.NUMPY_REFERENCES) are also compared with a float64
+forward pass of their ORIGINAL weights, sliced and rescaled by the report's kept/scale plan: 1e-5
+relative + 1e-5 of the output's largest magnitude.
 """
 
 from __future__ import annotations
@@ -11,14 +14,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import CHAIN_FORMS, NUMPY_REFERENCES, constants_of
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxcoreset
 from onnxcoreset.chains import find_chains
 from onnxcoreset.io import from_proto
-
-from builders import CHAIN_FORMS
 
 FORMS = sorted(CHAIN_FORMS)
 
@@ -100,8 +102,6 @@ def test_dropping_neurons_without_outgoing_weight_is_exact(built):
 
 
 # ---- pruned model against a numpy forward pass of the original weights with the report's plan ----
-
-from builders import NUMPY_REFERENCES, constants_of  # noqa: E402
 
 
 @pytest.mark.parametrize("method", ["coreset", "uniform", "percentile"])

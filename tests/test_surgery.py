@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import CHAIN_FORMS, constants_of, float_input, init, model, weights
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcoreset
@@ -22,8 +23,6 @@ from onnxcoreset.chains import find_chains
 from onnxcoreset.coreset import Selection
 from onnxcoreset.io import from_proto
 from onnxcoreset.pipeline import PruneConfig, prune_file
-
-from builders import CHAIN_FORMS, constants_of, float_input, init, model, weights
 
 
 def run(built: onnx.ModelProto | str, feed: dict) -> list[np.ndarray]:
@@ -83,7 +82,7 @@ def test_model_properties_and_metadata_are_kept(rng):
     for key, value in (("author", "someone"), ("onnxcoreset.seed", "stale")):
         entry = built.metadata_props.add()
         entry.key, entry.value = key, value
-    pruned, report = onnxcoreset.prune(built, keep=0.5, seed=11, method="uniform")
+    pruned, _ = onnxcoreset.prune(built, keep=0.5, seed=11, method="uniform")
     assert (pruned.ir_version, pruned.producer_name, pruned.producer_version, pruned.doc_string, pruned.graph.name) == (
         8, "exporter", "9.9", "a model", "mlp_graph",
     )

@@ -33,7 +33,7 @@ import onnxcoreset
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "models"))
 
-from stsb import DEFAULT_SHARED, evaluate_stsb  # noqa: E402
+from stsb import DEFAULT_SHARED, evaluate_stsb
 
 BUILD = REPO / "models" / "build"
 VARIANTS = ("opset17_legacy", "opset17_dynamo", "opset20_legacy", "opset20_dynamo")
@@ -64,7 +64,7 @@ def prune_and_score(path: Path, keep: float, method: str, seed: int, beta: float
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([line(header), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, rows)])
 
 

@@ -36,9 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_MODELS = REPO.parent / "shared" / "models"
 sys.path.insert(0, str(REPO / "tests"))
 
-from builders import CHAIN_FORMS, float_input, init, model, weights  # noqa: E402
+from builders import CHAIN_FORMS, float_input, init, model, weights
 
 MODEL_NAME = "model.onnx"
 OUTPUT_NAME = "out.onnx"
@@ -192,7 +192,7 @@ def _names(m: onnx.ModelProto) -> list[str]:
     names = {i.name for i in m.graph.input} | {t.name for t in m.graph.initializer}
     for node in m.graph.node:
         names.update(node.output)
-    return sorted(n for n in names if n)
+    return sorted(n for n in names if n and isinstance(n, str))  # bytes: a name that is not UTF-8
 
 
 def _flip_bytes(rng: np.random.Generator, data: bytes) -> bytes:
@@ -416,7 +416,7 @@ def mutate(folder: Path, rng: np.random.Generator) -> str:
             m = onnx.ModelProto()
             try:
                 m.ParseFromString(data)
-            except Exception:  # an earlier byte mutation broke it: mutate bytes again
+            except Exception:  # noqa: BLE001 (an earlier byte mutation broke it: mutate bytes again)
                 kind = "flip_bytes"
             else:
                 labels.append(PROTO_MUTATIONS[kind](rng, m))
@@ -638,7 +638,7 @@ def _worker(master_seed: int, include_shared: bool, timeout: float, keep_failure
     for line in sys.stdin:
         try:
             record = run_mutant(all_seeds, master_seed, int(line), timeout, keep_failures)
-        except Exception as exc:  # a bug in the fuzzer itself: report it rather than dying silently
+        except Exception as exc:  # noqa: BLE001 (a bug in the fuzzer itself: report it, do not die silently)
             record = _failure_record(int(line), f"fuzzer error {type(exc).__name__}: {exc}")
             record["failed"] = False
         real_stdout.write(json.dumps(record) + "\n")
