@@ -48,6 +48,17 @@ def row_norms(matrix: np.ndarray) -> np.ndarray:
     return np.sqrt(squares)
 
 
+def column_abs_max(matrix: np.ndarray) -> np.ndarray:
+    """max_i |matrix[i, j]| of every column of a 2-D matrix, as float64 (NaN where a column has one)."""
+    largest = np.zeros(matrix.shape[1])
+    if matrix.shape[0] == 0:
+        return largest
+    for _, cols, block in float64_blocks(matrix):
+        np.abs(block, out=block)  # a scratch copy: safe to overwrite
+        largest[cols] = np.maximum(largest[cols], block.max(axis=0))  # maximum, not fmax: NaN stays NaN
+    return largest
+
+
 def all_finite(matrix: np.ndarray) -> bool:
     """Whether every entry is finite, read a few MiB at a time in the stored type (no conversion)."""
     matrix = np.asarray(matrix)

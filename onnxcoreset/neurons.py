@@ -14,7 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from .activations import Activation
-from .blockwise import row_norms
+from .blockwise import column_abs_max, row_norms
 from .chains import Chain, Step, WeightRef
 from .io import WeightStore
 
@@ -65,6 +65,11 @@ class HiddenLayer:
     def weight_norms(self) -> np.ndarray:
         """‖w_j‖₂ per neuron in float64, computed once (the bounds need it several times)."""
         return row_norms(self.weights)
+
+    @cached_property
+    def out_weight_max(self) -> np.ndarray:
+        """max_i |out_weights[i, j]| per neuron in float64, computed once (the sensitivities' first factor)."""
+        return column_abs_max(self.out_weights)
 
 
 def read_matrix(store: WeightStore, ref: WeightRef) -> np.ndarray:

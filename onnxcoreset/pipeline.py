@@ -122,9 +122,17 @@ def _in_float64(layer: HiddenLayer) -> HiddenLayer:
 
 
 def _finite(layer: HiddenLayer) -> bool:
+    """No NaN or Inf in the layer's weights. The row norms and column maxima the plan needs anyway
+    show any (NaN and ±Inf propagate into both); only when they do is every entry looked at, since a
+    float64 weight near 1e155 overflows its norm while finite."""
     matrices = [layer.weights, layer.out_weights] + ([layer.multiplier_weights] if layer.multiplier_weights is not None else [])
     vectors = [layer.bias] + ([layer.multiplier_bias] if layer.multiplier_bias is not None else [])
-    return all(bool(np.all(np.isfinite(v))) for v in vectors) and all(all_finite(m) for m in matrices)
+    if not all(bool(np.all(np.isfinite(v))) for v in vectors):
+        return False
+    summaries = [layer.weight_norms, layer.out_weight_max]
+    if layer.multiplier_weights is not None or not all(bool(np.all(np.isfinite(s))) for s in summaries):
+        return all(all_finite(m) for m in matrices)
+    return True
 
 
 def _point_norms(layer: HiddenLayer) -> np.ndarray:
@@ -138,7 +146,7 @@ def _point_norms(layer: HiddenLayer) -> np.ndarray:
 def _plan(layer: HiddenLayer, config: PruneConfig, radius: float, rng: np.random.Generator, target: int | None = None):
     """The selection, the sensitivities and the per-neuron sups it was drawn from."""
     sup = bounds.activation_sup(layer, radius)
-    sensitivity = coreset.sensitivities(layer.out_weights, sup)
+    sensitivity = coreset.sensitivities(layer.out_weight_max[None, :], sup)  # max_i |w_i(j)|, computed once
     if target is None:
         target = coreset.target_count(layer.size, config.keep, config.neurons)
     norms = _point_norms(layer)

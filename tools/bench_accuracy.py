@@ -9,7 +9,7 @@ seeds for the randomised methods) and writes, under tools/results/:
 * ``accuracy.json``: every run, so that ``--render`` redraws without pruning again.
 
     python tools/bench_accuracy.py            # the full benchmark (hours on 2 cores)
-    python tools/bench_accuracy.py --quick    # keep 0.5 and 0.2, one seed, fewer methods (minutes)
+    python tools/bench_accuracy.py --quick    # keep 0.5 and 0.2 (MiniLM: 0.5), one seed, fewer methods
 
 Models: LeNet-300-100 (models/train_lenet300.py), the MLP heads of ../shared's LeNet-5 and CNN,
 scikit-learn's MLP (models/build_sklearn_mlp.py) on the MNIST test set; all-MiniLM-L6-v2's six
@@ -295,7 +295,6 @@ def key(model: str, method: str, keep: float, seed: int) -> str:
 def run(args) -> dict:
     path = RESULTS / "accuracy.json"
     results = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
-    keeps = QUICK_KEEPS if args.quick else KEEPS
     seeds = SEEDS[:1] if args.quick else SEEDS
     methods = [m for m in METHODS if not args.quick or m.name in QUICK_METHODS]
     if args.methods:
@@ -313,6 +312,7 @@ def run(args) -> dict:
         print(f"{bench.name}: dense {dense:.2f}", flush=True)
         calibration = bench.calibration()
         fused = fuse_erf_gelu(original) if bench.transformer else None
+        keeps = (QUICK_KEEPS[:1] if bench.transformer else QUICK_KEEPS) if args.quick else KEEPS
         for method in methods:
             if method.fused and not bench.transformer:
                 continue
@@ -509,7 +509,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", help="only these method names (as in the tables)")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier results in tools/results/accuracy.json")
     parser.add_argument("--render", action="store_true", help="only redraw the table and plots from accuracy.json")
+    parser.add_argument("--results", type=Path, default=REPO / "tools" / "results", help="folder for accuracy.md/.json/.png")
     args = parser.parse_args(argv)
+    globals()["RESULTS"] = args.results
     command = "python tools/bench_accuracy.py" + (" --quick" if args.quick else "")
     results = json.loads((RESULTS / "accuracy.json").read_text()) if args.render else run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
