@@ -32,7 +32,7 @@ import numpy as np
 
 from . import activations
 from .activations import Activation
-from .blockwise import float64_blocks
+from .blockwise import float64_blocks, one_blas_thread
 
 if TYPE_CHECKING:  # the layer type only; importing neurons would pull in the graph modules
     from .neurons import HiddenLayer
@@ -551,9 +551,10 @@ def interval_certificate(layer: HiddenLayer, kept: np.ndarray, scale: np.ndarray
     k = layer.out_weights.shape[0]
     middle, sums = np.zeros(k), np.zeros((k, 2))
     positive = np.stack([spread, magnitude], axis=1)  # both sums of |c| in one product
-    for rows, cols, block in float64_blocks(layer.out_weights):
-        middle[rows] += block @ centre[cols]
-        np.abs(block, out=block)  # a scratch copy: safe to overwrite
-        sums[rows] += block @ positive[cols]
+    with one_blas_thread():
+        for rows, cols, block in float64_blocks(layer.out_weights):
+            middle[rows] += block @ centre[cols]
+            np.abs(block, out=block)  # a scratch copy: safe to overwrite
+            sums[rows] += block @ positive[cols]
     width, triangle = sums[:, 0], sums[:, 1]
     return float(np.max(np.abs(middle) + width + ROUNDING_SLACK * triangle, initial=0.0))

@@ -91,6 +91,9 @@ def load(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise UsageError(f"--calibration {path}: not a readable .npz file ({str(exc).splitlines()[0][:200]})") from None
     if not data:
         raise UsageError(f"--calibration {path}: the file holds no arrays")
+    for name, array in data.items():
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise UsageError(f"--calibration {path}: array '{name}' holds NaN or Inf")
     return data
 
 
@@ -110,7 +113,7 @@ def feeds_of(graph: onnx.GraphProto, data: Mapping[str, np.ndarray], what: str =
     missing = [i.name for i in inputs if i.name not in data]
     if missing:
         raise UsageError(f"{what}: the file lacks model input(s) {', '.join(missing)} (arrays are keyed by input name)")
-    arrays = {i.name: np.asarray(data[i.name]) for i in inputs}
+    arrays = {i.name: _as_declared(np.asarray(data[i.name]), i, what) for i in inputs}
     counts = {name: (a.shape[0] if a.ndim else 0) for name, a in arrays.items()}
     if len(set(counts.values())) != 1 or 0 in counts.values():
         raise UsageError(f"{what}: every input needs the same number of samples on axis 0, got {counts}")
@@ -119,7 +122,19 @@ def feeds_of(graph: onnx.GraphProto, data: Mapping[str, np.ndarray], what: str =
     batch = fixed.pop() if len(fixed) == 1 else BATCH
     if total % batch and fixed:
         total -= total % batch  # a fixed batch axis cannot take the remainder
+        if total == 0:
+            raise UsageError(f"{what}: the model's batch axis is fixed at {batch}; give at least {batch} samples")
     return [{name: a[start : start + batch] for name, a in arrays.items()} for start in range(0, total, batch)]
+
+
+def _as_declared(array: np.ndarray, info: onnx.ValueInfoProto, what: str) -> np.ndarray:
+    """The array in the input's declared type when only the width differs (float64 for float32)."""
+    declared = np.dtype(helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type))
+    if array.dtype == declared:
+        return array
+    if (array.dtype.kind == "f") == (declared.kind == "f") and array.dtype.kind in "fiub" and declared.kind in "fiub":
+        return array.astype(declared)
+    raise UsageError(f"{what}: input '{info.name}' is {declared}, the file holds {array.dtype}")
 
 
 def attention_mask(graph: onnx.GraphProto) -> str | None:

@@ -1025,6 +1025,10 @@ def stage(
                 protowire.write_with_initializer_data(handle, payload, streamed)
             else:
                 handle.write(payload)
+        streamed.clear()
+        for tensor in loaded.model.graph.initializer:  # written: free the replacements (the check reads the file)
+            if id(tensor) in written:
+                loaded.store.replaced.pop(tensor.name, None)
         return staged
     except OSError as exc:
         staged.discard()

@@ -188,7 +188,11 @@ def _budget_counts(planner: strategy.Planner, chains: Sequence[Chain], view: Gra
     tensors = [(int(np.prod(store.shape(name), dtype=np.int64)), [i for i in chain_ids if _slices(usable[i], name, store)])
                for name, chain_ids in owners.items()]
     cost = strategy.parameter_cost(sizes, tensors)
-    chosen = coreset.allocate_budget(counts, errors, cost, config.budget * cost(sizes))
+    try:
+        chosen = coreset.allocate_budget(counts, errors, cost, config.budget * cost(sizes))
+    except ValueError:
+        smallest = cost([int(c[0]) for c in counts]) / cost(sizes)
+        raise UsageError(f"--budget {config.budget:g} is below the smallest share the layers can take ({smallest:.3g})") from None
     return {chain.name: count for chain, count in zip(usable, chosen)}
 
 
@@ -313,7 +317,7 @@ def prune_loaded(
             selection, sensitivity, sup = _plan(layer, config, radius, rng, target)
         else:  # the data-aware methods: samples, selection, least-squares refit (strategy.py)
             count = budget.get(chain.name) or target or coreset.target_count(layer.size, config.keep, config.neurons)
-            plan = planner.plan(planner.context(chain, layer, radius, count, position))
+            plan = planner.plan(planner.context(chain, layer, radius, count, position), strategy.tie_breaker(layer, radius, large))
             selection, sensitivity, sup = plan.selection, plan.sensitivity, plan.sup
             if budget:
                 note = f"--budget {config.budget:g} gives this chain {selection.size} of {layer.size} neurons"

@@ -321,6 +321,8 @@ class ChainLink:
 
 def error_gain(out_weights: np.ndarray, post_scale: np.ndarray, lipschitz: float) -> float:
     """max_i Σ_j |U_ij a_j|·L: |Σ_j U_ij a_j (φ(t_j) − φ(t'_j))| ≤ that · max_j |t_j − t'_j|."""
+    if not math.isfinite(lipschitz):  # a jump (binary step): no finite gain, and 0·inf would give NaN
+        return math.inf
     return float(np.max(np.abs(out_weights * post_scale) @ np.full(out_weights.shape[1], lipschitz), initial=0.0))
 
 

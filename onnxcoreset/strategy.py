@@ -80,7 +80,7 @@ class Context:
     bias: np.ndarray  # [k] bool, per consumer output: a bias it may shift
     data: Samples | None = None
     probes: Samples | None = None
-    cache: dict = field(default_factory=dict, repr=False)  # moments by (kind, part), shared by replace()
+    cache: dict = field(default_factory=dict, repr=False)  # moments and data sups, shared by replace()
 
     def moments(self, kind: str, part: str) -> compensate.Moments:
         """Moments of ``kind`` (data, probes, mixed) on ``part`` (fit, holdout, all), computed once."""
@@ -119,42 +119,42 @@ def needs_samples(method: str, reweight: str, sup: str) -> bool:
     return method in ("greedy-ls", "auto") or reweight != "none" or sup != "ball"
 
 
-def _fit_source(choice: Choice, chain: Context) -> str:
+def _fit_source(choice: Choice, context: Context) -> str:
     """Which moments a choice's greedy selection and refit use."""
     if choice.reweight == "data-ls":
-        return "mixed" if chain.probes is not None else "data"
+        return "mixed" if context.probes is not None else "data"
     if choice.reweight == "ball-ls":
         return "probes"
-    return "data" if chain.data is not None else "probes"
+    return "data" if context.data is not None else "probes"
 
 
-def _select(choice: Choice, chain: Context, part: str, rng: np.random.Generator) -> tuple[Selection, np.ndarray]:
-    layer = chain.layer
-    sup = bounds.activation_sup(layer, chain.radius)
+def _select(choice: Choice, context: Context, part: str, rng: np.random.Generator) -> tuple[Selection, np.ndarray]:
+    layer = context.layer
+    sup = bounds.activation_sup(layer, context.radius)
     if choice.sup != "ball":
-        if chain.data is None:
+        if context.data is None:
             raise ValueError(f"sup '{choice.sup}' needs calibration data")
-        if ("sup", choice.sup) not in chain.cache:
-            chain.cache[("sup", choice.sup)] = compensate.data_sup(chain.data.current, choice.sup)
-        sup = chain.cache[("sup", choice.sup)]
+        if ("sup", choice.sup) not in context.cache:
+            context.cache[("sup", choice.sup)] = compensate.data_sup(context.data.current, choice.sup)
+        sup = context.cache[("sup", choice.sup)]
     sensitivity = coreset.sensitivities(layer.out_weights, sup)
-    if chain.target >= layer.size:
+    if context.target >= layer.size:
         return coreset.identity(layer.size), sensitivity
     if choice.selection == "greedy-ls":
-        moments = chain.moments(_fit_source(choice, chain), part)
-        kept = compensate.greedy_selection(moments, chain.target)
+        moments = context.moments(_fit_source(choice, context), part)
+        kept = compensate.greedy_selection(moments, context.target)
         return Selection(kept, np.ones(kept.size)), sensitivity
     if choice.selection == "coreset-vr":
-        return coreset.variance_reduced(sensitivity, chain.target, rng), sensitivity
+        return coreset.variance_reduced(sensitivity, context.target, rng), sensitivity
     norms = np.sqrt(layer.weight_norms**2 + layer.bias**2) if choice.selection == "percentile" else sensitivity
-    return coreset.select(choice.selection, sensitivity=sensitivity, point_norms=norms, target=chain.target, rng=rng), sensitivity
+    return coreset.select(choice.selection, sensitivity=sensitivity, point_norms=norms, target=context.target, rng=rng), sensitivity
 
 
-def _refit(choice: Choice, chain: Context, selection: Selection, part: str) -> compensate.Refit | None:
-    if choice.reweight == "none" or selection.is_identity(chain.layer.size):
+def _refit(choice: Choice, context: Context, selection: Selection, part: str) -> compensate.Refit | None:
+    if choice.reweight == "none" or selection.is_identity(context.layer.size):
         return None
-    moments = chain.moments(_fit_source(choice, chain), part)
-    return compensate.fit(moments, chain.layer.out_weights, selection.kept, bias=chain.bias)
+    moments = context.moments(_fit_source(choice, context), part)
+    return compensate.fit(moments, context.layer.out_weights, selection.kept, bias=context.bias)
 
 
 def relative_error(moments: compensate.Moments, out_weights: np.ndarray, selection: Selection, refit: compensate.Refit | None) -> float:
@@ -166,38 +166,38 @@ def relative_error(moments: compensate.Moments, out_weights: np.ndarray, selecti
 
 
 def plan(
-    chain: Context,
+    context: Context,
     method: str,
     reweight: str = "none",
     sup: str = "ball",
     bound: Callable[[Selection, compensate.Refit | None], float] | None = None,
 ) -> Plan:
-    """The chain's plan for ``method`` (one of METHODS): as asked, or the best measured for ``auto``."""
-    ball_sup = bounds.activation_sup(chain.layer, chain.radius)
-    ball_sensitivity = coreset.sensitivities(chain.layer.out_weights, ball_sup)
-    choices = applicable(method, reweight, sup, chain.data is not None)
-    evaluation = "data" if chain.data is not None else "probes" if chain.probes is not None else None
-    measured_on = "" if evaluation is None else (chain.data if evaluation == "data" else chain.probes).source
+    """The context's plan for ``method`` (one of METHODS): as asked, or the best measured for ``auto``."""
+    ball_sup = bounds.activation_sup(context.layer, context.radius)
+    ball_sensitivity = coreset.sensitivities(context.layer.out_weights, ball_sup)
+    choices = applicable(method, reweight, sup, context.data is not None)
+    evaluation = "data" if context.data is not None else "probes" if context.probes is not None else None
+    measured_on = "" if evaluation is None else (context.data if evaluation == "data" else context.probes).source
     if len(choices) == 1:
         choice = choices[0]
-        selection, _ = _select(choice, chain, "all", chain.rng)
-        refit = _refit(choice, chain, selection, "all")
-        error = None if evaluation is None else relative_error(chain.moments(evaluation, "all"), chain.layer.out_weights, selection, refit)
+        selection, _ = _select(choice, context, "all", context.rng)
+        refit = _refit(choice, context, selection, "all")
+        error = None if evaluation is None else relative_error(context.moments(evaluation, "all"), context.layer.out_weights, selection, refit)
         return Plan(selection, refit, ball_sensitivity, ball_sup, choice, error, measured_on and f"{measured_on} (in-sample)", f"{choice.label} as asked")
     if evaluation is None:
         raise ValueError("auto needs samples (calibration data or probes) to measure on")
-    held = chain.moments(evaluation, "holdout")
-    seeds = chain.rng.integers(0, 2**63 - 1, size=len(choices))
+    held = context.moments(evaluation, "holdout")
+    seeds = context.rng.integers(0, 2**63 - 1, size=len(choices))
     trials = []
     for choice, seed in zip(choices, seeds):
         rng = np.random.default_rng(int(seed))
-        selection, _ = _select(choice, chain, "fit", rng)
-        refit = _refit(choice, chain, selection, "fit")
-        trials.append((relative_error(held, chain.layer.out_weights, selection, refit), choice, selection, seed))
+        selection, _ = _select(choice, context, "fit", rng)
+        refit = _refit(choice, context, selection, "fit")
+        trials.append((relative_error(held, context.layer.out_weights, selection, refit), choice, selection, seed))
     best_error = min(t[0] for t in trials)
     tied = [t for t in trials if t[0] <= best_error + TIE * max(best_error, 1e-300)]
     if len(tied) > 1 and bound is not None:
-        scored = [(bound(t[2], _refit(t[1], chain, t[2], "fit")), i) for i, t in enumerate(tied)]
+        scored = [(bound(t[2], _refit(t[1], context, t[2], "fit")), i) for i, t in enumerate(tied)]
         winner = tied[min(scored)[1]]
         why = f"tied with {len(tied) - 1} other(s) on error, smallest certified bound"
     else:
@@ -205,8 +205,8 @@ def plan(
         why = "lowest held-out error"
     error, choice, selection, _ = winner
     if choice.selection == "greedy-ls":  # the held-out measure chose it; select again on every sample
-        selection, _ = _select(choice, chain, "all", np.random.default_rng(int(winner[3])))
-    refit = _refit(choice, chain, selection, "all")
+        selection, _ = _select(choice, context, "all", np.random.default_rng(int(winner[3])))
+    refit = _refit(choice, context, selection, "all")
     ranked = sorted(trials, key=lambda t: t[0])
     runner = next((t for t in ranked if t[1] != choice), None)
     plain = min((t for t in trials if t[1].reweight == "none"), key=lambda t: t[0])
@@ -222,20 +222,20 @@ def plan(
 # A global budget
 
 
-def error_curve(chain: Context, method: str, reweight: str, sup: str, counts: Sequence[int]) -> np.ndarray:
-    """The held-out relative error of the chain pruned to each count (``auto`` measured as greedy-ls
+def error_curve(context: Context, method: str, reweight: str, sup: str, counts: Sequence[int]) -> np.ndarray:
+    """The held-out relative error of the context pruned to each count (``auto`` measured as greedy-ls
     with the best reweighting available, to keep the curve cheap)."""
     if method == "auto":
-        method, reweight, sup = "greedy-ls", ("data-ls" if chain.data is not None else "ball-ls"), "ball"
-    evaluation = "data" if chain.data is not None else "probes"
-    held = chain.moments(evaluation, "holdout")
+        method, reweight, sup = "greedy-ls", ("data-ls" if context.data is not None else "ball-ls"), "ball"
+    evaluation = "data" if context.data is not None else "probes"
+    held = context.moments(evaluation, "holdout")
     errors = []
     for count in counts:
-        trial = replace(chain, target=int(count), rng=np.random.default_rng(0))
+        trial = replace(context, target=int(count), rng=np.random.default_rng(0))
         choice = Choice(method, sup, reweight)
         selection, _ = _select(choice, trial, "fit", trial.rng)
-        errors.append(relative_error(held, chain.layer.out_weights, selection, _refit(choice, trial, selection, "fit")))
-    return np.maximum.accumulate(np.array(errors)[::-1])[::-1]  # more neurons never cost more error
+        errors.append(relative_error(held, context.layer.out_weights, selection, _refit(choice, trial, selection, "fit")))
+    return np.minimum.accumulate(np.array(errors))  # a larger count can do what a smaller one did
 
 
 def budget_counts(sizes: Sequence[int]) -> list[np.ndarray]:
@@ -282,11 +282,6 @@ def _consumer_rows(chain: GraphChain, sources: Sources) -> list[int]:
     return [store.shape(c.weight.tensor)[1 - c.weight.neuron_axis] for c in chain.consumers]
 
 
-def bias_note(chain: GraphChain, sources: Sources) -> str:
-    """Why some consumers' bias corrections were left out (empty when every consumer has one)."""
-    return "; ".join(b.reason + ": bias correction skipped" for b in surgery.consumer_biases(sources.view, chain) if b.tensor is None)
-
-
 def refit_certificate(chain: GraphChain, store, layer: HiddenLayer, refit: compensate.Refit, kept: np.ndarray,
                       radius: float, biases: list[surgery.ConsumerBias], large: bool,
                       rng: np.random.Generator) -> tuple[float, float | None]:
@@ -316,3 +311,21 @@ def refit_certificate(chain: GraphChain, store, layer: HiddenLayer, refit: compe
     found = attack.search([attack.Term(layer, coef)], radius, rng, consumers=worst, steps=60, starts=12)
     errors = layer.hidden(found.points) @ coef.T - shift
     return bound, float(np.max(np.abs(errors), initial=0.0))
+
+
+def tie_breaker(layer: HiddenLayer, radius: float, large: bool) -> Callable[[Selection, compensate.Refit | None], float]:
+    """The certified bound auto breaks ties with: bounds.certified_bound, or for large layers the
+    sign-split interval bound (what the pipeline certifies them with), before rounding to storage."""
+
+    def bound(selection: Selection, refit: compensate.Refit | None) -> float:
+        refit = refit or compensate.unchanged(layer.out_weights, selection.kept, selection.scale)
+        if not large:
+            return bounds.certified_bound(layer, selection.kept, None, radius, weights=refit.weights, bias_shift=refit.bias_shift)
+        coef = bounds.coefficients(layer.out_weights, selection.kept, refit.weights)
+        low, high = bounds.neuron_range(layer, radius)
+        plus, minus = np.clip(coef, 0, None), np.clip(coef, None, 0)
+        upper = plus @ high + minus @ low - refit.bias_shift
+        lower = plus @ low + minus @ high - refit.bias_shift
+        return float(np.max(np.maximum(np.abs(upper), np.abs(lower)), initial=0.0))
+
+    return bound

@@ -24,7 +24,9 @@ from .io import WeightStore
 
 def _take(store: WeightStore, tensor: str, kept: np.ndarray, axis: int, scale: np.ndarray | None = None) -> None:
     array = np.asarray(store.read(tensor))
-    sliced = np.take(array, kept, axis=axis)
+    # Rows by indexing: np.take along axis 0 buffers a copy of the whole source (400 MB more for a
+    # VGG-16 fc6 weight), indexing reads only the kept rows. Other axes: np.take, which is direct.
+    sliced = array[kept] if axis % max(array.ndim, 1) == 0 else np.take(array, kept, axis=axis)
     if scale is not None and not np.all(scale == 1.0):
         shape = [1] * sliced.ndim
         shape[axis] = -1

@@ -339,3 +339,97 @@ def test_cli_calibrated_auto_reports_its_choice(tmp_path: Path):
                                        "--calibration", str(tmp_path / "cal.npz"), "--beta", "3", "--chain-probes", "0"])
     assert result.exit_code == 0, result.output
     assert result.output.count("auto chose") == 2 and "on held-out calibration data" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Every registered chain form, refit
+
+
+FORMS = sorted(__import__("builders").CHAIN_FORMS)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_refit_model_is_valid_on_every_chain_form(form):
+    """greedy-ls + ball-ls at keep 0.5 on each form of tests/builders.py: the written model passes the
+    full checker, runs in onnxruntime with the same output shapes, and stays finite."""
+    from builders import CHAIN_FORMS
+
+    built = CHAIN_FORMS[form](np.random.default_rng(1234))
+    pruned, report = prune(built.model, PruneConfig(keep=0.5, method="greedy-ls", reweight="ball-ls", beta=2.0))
+    onnx.checker.check_model(pruned, full_check=True)
+    before = ort.InferenceSession(built.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, built.feed)
+    after = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, built.feed)
+    assert [a.shape for a in after] == [b.shape for b in before]
+    assert all(np.all(np.isfinite(a)) for a in after if np.issubdtype(a.dtype, np.floating))
+    assert all(layer.reweight == "ball-ls" for layer in report.layers)
+
+
+def masked_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [batch, sequence, 6] -> MatMul-Add-Relu-MatMul-Add, times the attention mask [batch, sequence]."""
+    d, n, k = 6, 10, 4
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["h"], name="add1"),
+        helper.make_node("Relu", ["h"], ["a"], name="relu1"),
+        helper.make_node("MatMul", ["a", "W2"], ["m2"], name="mm2"),
+        helper.make_node("Add", ["m2", "b2"], ["raw"], name="add2"),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axes"], ["mask3"]),
+        helper.make_node("Mul", ["raw", "mask3"], ["y"]),
+    ]
+    inits = [init("W1", rng.standard_normal((d, n)).astype(np.float32)), init("b1", rng.standard_normal(n).astype(np.float32)),
+             init("W2", rng.standard_normal((n, k)).astype(np.float32)), init("b2", rng.standard_normal(k).astype(np.float32)),
+             init("axes", np.array([-1], dtype=np.int64))]
+    inputs = [float_input("x", ["batch", "sequence", d]),
+              helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["batch", "sequence"])]
+    return model(nodes, inputs, [float_input("y", ["batch", "sequence", k])], inits)
+
+
+def test_calibration_rows_leave_padding_out():
+    """Padded positions (mask 0) hold huge values here: none reaches the chain's samples, whose rows
+    are exactly the real tokens, grouped by sentence."""
+    from onnxcoreset import calibration, io
+    from onnxcoreset.chains import find_chains
+    from onnxcoreset.neurons import read_layer
+
+    rng = np.random.default_rng(3)
+    original = masked_model(rng)
+    mask = (np.arange(7)[None, :] < rng.integers(2, 8, size=(20, 1))).astype(np.int64)
+    x = rng.standard_normal((20, 7, 6)).astype(np.float32)
+    x[mask == 0] = 1e4
+    loaded = io.from_proto(original)
+    chains, _ = find_chains(loaded.model.graph, loaded.store)
+    sources = calibration.Sources(loaded, chains, beta=3.0, data={"x": x, "attention_mask": mask}, probes=False)
+    data, probes = sources.samples(chains[0], read_layer(chains[0], loaded.store), 3.0, np.random.default_rng(0))
+    assert probes is None and data.rows == int(mask.sum())
+    np.testing.assert_array_equal(np.bincount(data.group), mask.sum(axis=1))
+    assert np.abs(data.original).max() < 1e3  # relu(W·1e4) would be ~1e4
+    pruned, report = prune(original, PruneConfig(keep=0.5, method="greedy-ls", reweight="data-ls", beta=3.0),
+                           calibration={"x": x, "attention_mask": mask})
+    assert report.layers[0].measured_error < 0.5
+
+
+def test_calibration_files_are_checked_and_cast(tmp_path: Path):
+    """NaN in a calibration file is a usage error; float64 samples for a float32 input are cast; a budget
+    below the smallest share the layers can take says so."""
+    from onnxcoreset import calibration
+
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "nan.npz", x=np.full((4, 12), np.nan))
+    with pytest.raises(UsageError, match="holds NaN or Inf"):
+        calibration.load(tmp_path / "nan.npz")
+    original = mlp(rng)
+    pruned, report = prune(original, PruneConfig(keep=0.5, reweight="data-ls", method="sensitivity", beta=3.0),
+                           calibration={"x": rng.standard_normal((100, 12))})  # float64
+    assert report.layers[0].measured_error is not None
+    with pytest.raises(UsageError, match="input 'x' is float32, the file holds int64"):
+        prune(original, PruneConfig(keep=0.5, reweight="data-ls", beta=3.0), calibration={"x": np.zeros((10, 12), np.int64)})
+    with pytest.raises(UsageError, match="below the smallest share"):
+        prune(original, PruneConfig(budget=0.01, beta=3.0))
+
+
+def test_budget_error_curves_never_rise_with_more_neurons():
+    context = synthetic_context(np.random.default_rng(6), True)
+    counts = strategy.budget_counts([context.layer.size])[0]
+    curve = strategy.error_curve(context, "auto", "none", "ball", counts)
+    assert curve.shape == counts.shape and np.all(np.diff(curve) <= 0) and curve[-1] <= 1e-9
