@@ -9,7 +9,7 @@ of the bytes that are read, while every sum still accumulates in float64.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

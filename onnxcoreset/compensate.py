@@ -11,9 +11,9 @@ h is the hidden layer of the original network and h' the one that runs after the
 layers were pruned (the same, for probes drawn at the layer itself), so the fit also absorbs
 the error the earlier layers left. A consumer without a bias to edit gets δ = 0 and the
 uncentred solution (second moments instead of covariances). Everything is computed from
-:class:`Moments` (E[h'h'ᵀ], E[h' tᵀ] and E‖t‖² for t = U h, and the means), estimated from samples: calibration
-activations (``data-ls``) or probes of the input ball (``ball-ls``). The ridge λ is relative:
-``ridge`` × the mean variance of the kept neurons.
+:class:`Moments` (E[h'h'ᵀ], E[h'tᵀ] and E‖t‖² for the target t = U h, and the means), estimated
+from samples: calibration activations (``data-ls``) or probes of the input ball (``ball-ls``).
+The ridge λ is relative: ``ridge`` × the mean variance of the kept neurons.
 
 :func:`greedy_selection` picks the neurons for this fit directly: forward selection by pivoted
 Cholesky, each step adding the neuron that most reduces the fit's residual.

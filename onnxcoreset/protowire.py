@@ -19,8 +19,9 @@ back to the ordinary parse, which gives the user the usual error.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 MODEL_GRAPH = 7
 GRAPH_INITIALIZER = 5

@@ -38,6 +38,7 @@ SUPS = ("ball", "rms", "max")
 DATA_PRIOR = 0.25  # weight of the probes' moments in data-ls (1 would be ball-ls)
 HOLDOUT = 0.25  # share of the samples auto measures on
 TIE = 1e-9  # relative: errors this close are ties, decided by the certified bound
+ROUNDOFF = 1e-12  # relative errors below this are float64 rounding of an exact fit: all ties
 BUDGET_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -195,7 +196,7 @@ def plan(
         refit = _refit(choice, context, selection, "fit")
         trials.append((relative_error(held, context.layer.out_weights, selection, refit), choice, selection, seed))
     best_error = min(t[0] for t in trials)
-    tied = [t for t in trials if t[0] <= best_error + TIE * max(best_error, 1e-300)]
+    tied = [t for t in trials if t[0] <= max(best_error + TIE * best_error, ROUNDOFF)]
     if len(tied) > 1 and bound is not None:
         scored = [(bound(t[2], _refit(t[1], context, t[2], "fit")), i) for i, t in enumerate(tied)]
         winner = tied[min(scored)[1]]

@@ -108,6 +108,11 @@ def session(model: str | Path | onnx.ModelProto | bytes, device: str = "auto"):
     options = ort.SessionOptions()
     options.log_severity_level = 4
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model) if isinstance(model, Path) else model
+    if isinstance(source, str):
+        # From a file, onnxruntime maps the weights rather than copying them, unless it prepacks
+        # them for its matmul kernels: a second copy of the model, to speed up the few runs
+        # validation makes by a little. Without it a 3.2 GB model's session costs its page cache.
+        options.add_session_config_entry("session.disable_prepacking", "1")
     wanted = providers(device)
     try:
         sess = ort.InferenceSession(source, options, providers=wanted)
@@ -201,7 +206,9 @@ def compare(
     """Run both models on the same inputs and measure how far every output moved.
 
     With ``chain_probes`` > 0, every chain recorded in the pruned model's metadata is also
-    checked on its own against its certified bound (:func:`validate_chains`).
+    checked on its own against its certified bound (:func:`validate_chains`), on at most
+    ``chain_probes`` random points: fewer on large chains (CHAIN_PROBE_WORK), so that validation
+    stays bounded.
     """
     reference = session(original, device)
     candidate = session(pruned, device)
@@ -250,12 +257,13 @@ def compare(
             failures.append(f"output '{out.name}' moved by {out.max_abs:.4g} > --max-error {max_error:g}")
     chains: tuple[ChainDeviation, ...] = ()
     notes: tuple[str, ...] = ()
+    provider = candidate.get_providers()[0]
+    del reference, candidate  # both models' weights: not needed by the chain checks below
     if chain_probes > 0:
-        chains, chain_failures, notes = validate_chains(original, pruned, device=device, probes=chain_probes, seed=seed)
+        chains, chain_failures, notes = validate_chains(original, pruned, device=device, probes=chain_probes, seed=seed,
+                                                        max_work=CHAIN_PROBE_WORK)
         failures.extend(chain_failures)
-    return ValidationReport(
-        candidate.get_providers()[0], count, outputs, max_error, tuple(dict.fromkeys(failures)), chains, notes
-    )
+    return ValidationReport(provider, count, outputs, max_error, tuple(dict.fromkeys(failures)), chains, notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +273,12 @@ LAYERS_KEY = "onnxcoreset.layers"
 PLAN_KEY = "onnxcoreset.plan"
 CHAIN_BATCH = 16384  # probe rows per onnxruntime call on a chain sub-model
 SEARCHED_MAX_ENTRIES = 1 << 21  # weights of a chain beyond which no adversarial search is run
+# Multiply-adds of a chain's original sub-model over all its random probes: past this the probe
+# count shrinks (to MIN_CHAIN_PROBES at least), so that checking a 25088×4096 layer costs about as
+# much as reading its weights, not 4096 inferences of it (10 s and 5 GiB of probes). MiniLM's FFN
+# (384-1536-384) keeps its 4096 probes.
+CHAIN_PROBE_WORK = 1 << 33
+MIN_CHAIN_PROBES = 64
 _F32_UNIT = 2.0**-24
 
 
@@ -403,12 +417,13 @@ def _rounding_allowance(layer, radius: float, unit: float = _F32_UNIT) -> float:
 
 def _abs_times(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
     """|M| @ v in float64, a few MiB of M at a time (M may be a large float32 view)."""
-    from .blockwise import float64_blocks
+    from .blockwise import float64_blocks, one_blas_thread
 
     result = np.zeros(matrix.shape[0])
-    for rows, cols, block in float64_blocks(matrix):
-        np.abs(block, out=block)
-        result[rows] += block @ vector[cols]
+    with one_blas_thread():  # many small products: see blockwise.one_blas_thread
+        for rows, cols, block in float64_blocks(matrix):
+            np.abs(block, out=block)
+            result[rows] += block @ vector[cols]
     return result
 
 
@@ -419,8 +434,12 @@ def validate_chains(
     device: str = "auto",
     probes: int = DEFAULT_CHAIN_PROBES,
     seed: int = 0,
+    max_work: int | None = None,
 ) -> tuple[tuple[ChainDeviation, ...], tuple[str, ...], tuple[str, ...]]:
     """Check every pruned chain against its certificate on sub-models: (deviations, failures, notes).
+
+    ``max_work`` (compare passes CHAIN_PROBE_WORK) lowers a large chain's random probes to that many
+    multiply-adds of its original sub-model, MIN_CHAIN_PROBES at least; None runs ``probes`` on every chain.
 
     The reference for chain k is the original model with the recorded selections of the chains
     before it applied (``onnxcoreset.plan``), which is exactly what the certificate was computed
@@ -471,7 +490,7 @@ def validate_chains(
             rows = [later_rows.get(c.node) for c in chain.consumers]  # a later chain's producer lost rows
             result = _check_chain(
                 chain.name, entry, reference, read_layer(other, after.store), ref_model, new_model, rows,
-                device=device, probes=probes, rng=np.random.default_rng([seed, position]),
+                device=device, probes=_bounded(probes, reference, max_work), rng=np.random.default_rng([seed, position]),
             )
             results.append(result)
             if not result.ok:
@@ -509,10 +528,20 @@ def _select_rows(matrix: np.ndarray, blocks: Sequence[int], rows: Sequence[np.nd
     """Keep, in each consumer's block of ``axis``, the rows a later chain kept."""
     parts, start = [], 0
     for size, keep in zip(blocks, rows):
-        block = np.take(matrix, np.arange(start, start + size), axis=axis)
+        index = [slice(None)] * matrix.ndim
+        index[axis] = slice(start, start + size)
+        block = matrix[tuple(index)]  # a view: np.take would copy the whole (possibly mapped) matrix
         parts.append(block if keep is None else np.take(block, keep, axis=axis))
         start += size
-    return np.concatenate(parts, axis=axis)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+
+
+def _bounded(probes: int, layer, max_work: int | None) -> int:
+    """``probes``, lowered so that they cost at most ``max_work`` multiply-adds of the chain (None: as asked)."""
+    if max_work is None:
+        return probes
+    per_probe = max(int(layer.weights.size) + int(layer.out_weights.size), 1)
+    return min(probes, max(MIN_CHAIN_PROBES, max_work // per_probe))
 
 
 def _check_chain(name, entry, reference, pruned_layer, ref_model, new_model, rows, *, device, probes, rng) -> ChainDeviation:

@@ -41,7 +41,7 @@ TOOLS_DIR = Path(__file__).resolve().parent
 REPO = TOOLS_DIR.parent
 sys.path.insert(0, str(TOOLS_DIR))
 
-import gen_big_models as gen  # noqa: E402
+import gen_big_models as gen
 
 DEFAULT_MODELS = ["vgg16_head", "ffn_1024x24", "ffn_4096x6"]
 QUICK_MODELS = ["quick_vgg_head", "quick_ffn_256x4", "quick_ffn_512x8"]
@@ -201,10 +201,10 @@ def render(results: list[Result], tools: list[str], repeat: int, command: str) -
         "# Prune speed and memory against the load+save floor",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {os.cpu_count()} CPUs, {_mem_total() / 2**30:.0f} GiB RAM, Python {platform.python_version()}, "
-        f"{_versions()}  ",
-        f"Median of {repeat} runs, one fresh process per run, runs interleaved across tools. Wall time includes "
-        "interpreter start and imports; peak RSS is the child's ru_maxrss (mapped file pages included).  ",
+        (f"Machine: {os.cpu_count()} CPUs, {_mem_total() / 2**30:.0f} GiB RAM, Python {platform.python_version()}, "
+         f"{_versions()}  "),
+        (f"Median of {repeat} runs, one fresh process per run, runs interleaved across tools. Wall time includes "
+         "interpreter start and imports; peak RSS is the child's ru_maxrss (mapped file pages included).  "),
         "Page cache: warm (each model read once before timing); residency per model below.",
         "",
         "| model | size | tool | wall s | peak RSS GB | output GB | wall / floor | RSS / floor | RSS / model size |",
@@ -220,8 +220,8 @@ def render(results: list[Result], tools: list[str], repeat: int, command: str) -
                 f"{_ratio(rss, floor_rss)} | {_ratio(rss, res.model_bytes)} |"
             )
     lines += ["", "## Ratios and targets", "",
-              "| model | ours/floor wall (≤1.1) | ours/floor RSS (≤1.1) | ours RSS/model (≤1.5 on 3.22 GB) | "
-              "onnxsim/ours wall (≥1.5) | ours/onnxsim RSS (≤0.6) | validation cost s | page cache before/after |",
+              ("| model | ours/floor wall (≤1.1) | ours/floor RSS (≤1.1) | ours RSS/model (≤1.5 on 3.22 GB) | "
+               "onnxsim/ours wall (≥1.5) | ours/onnxsim RSS (≤0.6) | validation cost s | page cache before/after |"),
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for res in results:
         wall, rss = res.median("ours", "wall_s"), res.median("ours", "peak_rss_bytes")

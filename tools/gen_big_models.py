@@ -18,13 +18,13 @@ each model records its spec; an existing model with the same spec is reused.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 OPSET = 17
@@ -90,7 +90,7 @@ class _TensorWriter:
 
     def __init__(self, data_path: Path | None) -> None:
         self.data_path = data_path
-        self.handle = open(data_path, "wb") if data_path else None
+        self.handle = open(data_path, "wb") if data_path else None  # noqa: SIM115 (closed by close(), after every tensor)
         self.offset = 0
 
     def tensor(self, name: str, array: np.ndarray) -> TensorProto:
@@ -128,7 +128,7 @@ def _vgg_head(spec: ModelSpec, writer: _TensorWriter, rng: np.random.Generator):
     sizes = [spec.width, spec.hidden, spec.hidden, spec.classes]
     nodes, inits = [], []
     current = "input"
-    for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         w, b = f"classifier.{3 * layer}.weight", f"classifier.{3 * layer}.bias"
         inits.append(writer.tensor(w, _random(rng, (fan_out, fan_in), fan_in)))  # PyTorch layout [out, in]
         inits.append(writer.tensor(b, _random(rng, (fan_out,), fan_in)))
