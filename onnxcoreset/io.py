@@ -931,7 +931,7 @@ def _signals_deferred() -> Iterator[None]:
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a small text file (a report) atomically: a temporary file beside it, then a rename."""
     path = Path(path)
-    folder = _check_target(path)
+    folder = check_target(path)
     try:
         descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
@@ -947,7 +947,8 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
-def _check_target(out_path: Path) -> Path:
+def check_target(out_path: Path) -> Path:
+    """The folder the output will be staged in; OutputError when it cannot be (checked before any work)."""
     folder = out_path.parent if str(out_path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"{out_path}: the output folder '{folder}' does not exist")
@@ -990,7 +991,7 @@ def stage(
     The loaded proto is consumed: do not reuse it afterwards.
     """
     out_path = Path(out_path)
-    folder = _check_target(out_path)
+    folder = check_target(out_path)
     if external is None:
         external = loaded.has_external_data or _declared_bytes(loaded) > PROTOBUF_LIMIT - (64 << 20)
     data_name = out_path.name + ".data"

@@ -516,6 +516,7 @@ def prune_file(
     source, target = Path(source), Path(target)
     if target.exists() and source.exists() and target.resolve() == source.resolve() and not force:
         raise UsageError(f"{target}: the output would overwrite the input; pass --force to allow it")
+    io.check_target(target)  # before the work: a big model should not be pruned only to fail here
     loaded = io.load(source)
     measured = measured_radii(loaded, source, radius_data, device) if radius_data else None
     report = prune_loaded(loaded, config, measured, radius_data_name, beta_source, calibration, device)

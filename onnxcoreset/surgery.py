@@ -50,6 +50,13 @@ def apply(chain: Chain, selection: Selection, store: WeightStore) -> None:
         _take(store, consumer.weight.tensor, kept, consumer.weight.neuron_axis, selection.scale)
 
 
+def touched(chain: Chain) -> list[str]:
+    """Every tensor :func:`apply` may rewrite for this chain (a superset: a shared bias is listed)."""
+    names = [chain.producer.weight.tensor] + ([chain.producer.bias] if chain.producer.bias else [])
+    names += [tensor for step in chain.steps for tensor, _ in step.sliced]
+    return list(dict.fromkeys(names + [consumer.weight.tensor for consumer in chain.consumers]))
+
+
 def _is_per_neuron(store: WeightStore, tensor: str, size: int) -> bool:
     shape = store.shape(tensor)
     return int(np.prod(shape, dtype=np.int64)) == size and size > 1

@@ -210,8 +210,9 @@ def compare(
     ``chain_probes`` random points: fewer on large chains (CHAIN_PROBE_WORK), so that validation
     stays bounded.
     """
+    # One session at a time: the original's outputs are kept (small), its session freed before the
+    # pruned model's is built, so peak memory holds one model, not both.
     reference = session(original, device)
-    candidate = session(pruned, device)
     if data:
         feeds = [{k: np.asarray(v) for k, v in data.items() if k in {i.name for i in reference.get_inputs()}}]
         count = len(next(iter(feeds[0].values()))) if feeds[0] else 0
@@ -219,19 +220,19 @@ def compare(
         feeds = probe_inputs(reference, probes, beta, np.random.default_rng(seed), shapes)
         count = probes
     names = [o.name for o in reference.get_outputs()]
+    expected = [_run(reference, names, feed) for feed in feeds]
+    del reference
+    candidate = session(pruned, device)
+    provider = candidate.get_providers()[0]
     if names != [o.name for o in candidate.get_outputs()]:
-        return ValidationReport(candidate.get_providers()[0], count, (), max_error, ("the output names differ",))
+        return ValidationReport(provider, count, (), max_error, ("the output names differ",))
     worst = {n: 0.0 for n in names}
     total = {n: 0.0 for n in names}
     elements = {n: 0 for n in names}
     shape_ok = {n: True for n in names}
     failures: list[str] = []
-    for feed in feeds:
-        try:
-            before = reference.run(names, feed)
-            after = candidate.run(names, feed)
-        except Exception as exc:
-            raise ModelError(f"onnxruntime failed while validating: {str(exc).splitlines()[0][:300]}") from None
+    for feed, before in zip(feeds, expected):
+        after = _run(candidate, names, feed)
         for name, a, b in zip(names, before, after):
             a, b = np.asarray(a), np.asarray(b)
             if a.shape != b.shape:
@@ -247,6 +248,7 @@ def compare(
             worst[name] = max(worst[name], float(finite.max(initial=0.0)))
             total[name] += float(finite.sum())
             elements[name] += diff.size
+    del candidate
     outputs = tuple(
         OutputDeviation(n, worst[n], total[n] / max(elements[n], 1), shape_ok[n]) for n in names
     )
@@ -257,8 +259,6 @@ def compare(
             failures.append(f"output '{out.name}' moved by {out.max_abs:.4g} > --max-error {max_error:g}")
     chains: tuple[ChainDeviation, ...] = ()
     notes: tuple[str, ...] = ()
-    provider = candidate.get_providers()[0]
-    del reference, candidate  # both models' weights: not needed by the chain checks below
     if chain_probes > 0:
         chains, chain_failures, notes = validate_chains(original, pruned, device=device, probes=chain_probes, seed=seed,
                                                         max_work=CHAIN_PROBE_WORK)
@@ -335,6 +335,19 @@ def extract(model: onnx.ModelProto, store, source: str, outputs: Sequence[str], 
     (current values from ``store``, so a replayed or pruned state is what runs); value_info is
     dropped so that onnxruntime infers the shapes of the 2-D feed.
     """
+    return extract_fed(model, store, source, outputs, width, elem_type, feed_min_bytes=None)[0]
+
+
+# Weights at least this large go into a chain's sub-model as graph inputs, fed at every run from
+# the store (a memory map of the file, where it can be): copying them into a ModelProto and then
+# into an onnxruntime session cost 20 s and two copies of the weights per 4096×16384 FFN block,
+# for a check that runs the layer a few dozen times.
+FEED_MIN_BYTES = 1 << 20
+_FEEDABLE = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+
+
+def subgraph(model: onnx.ModelProto, source: str, outputs: Sequence[str]) -> tuple[list[int], list[str]]:
+    """(node indices in topological order, initializer names) that ``outputs`` depend on back to ``source``."""
     graph = model.graph
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
     initializers = {t.name for t in graph.initializer}
@@ -351,18 +364,34 @@ def extract(model: onnx.ModelProto, store, source: str, outputs: Sequence[str], 
             raise ModelError(f"chain sub-model: '{name}' depends on a model input other than '{source}'")
         nodes.add(producer[name])
         needed.extend(graph.node[producer[name]].input)
-    order = [i for i in _node_order(graph) if i in nodes]
-    inits = [numpy_helper.from_array(np.asarray(store.read(name)), name) for name in sorted(used)]
+    return [i for i in _node_order(graph) if i in nodes], sorted(used)
+
+
+def extract_fed(
+    model: onnx.ModelProto, store, source: str, outputs: Sequence[str], width: int, elem_type: int,
+    feed_min_bytes: int | None,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """:func:`extract`, with the weights of at least ``feed_min_bytes`` (None: none) as graph inputs:
+    (sub-model, {input name: array to feed with every run})."""
+    order, used = subgraph(model, source, outputs)
+    inits, fed, declared = [], {}, []
+    for name in used:
+        value = store.read(name)
+        if feed_min_bytes is not None and value.nbytes >= feed_min_bytes and value.dtype in _FEEDABLE:
+            fed[name] = np.ascontiguousarray(value)  # a no-op for stored (and memory-mapped) weights
+            declared.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
+        else:
+            inits.append(numpy_helper.from_array(np.asarray(value), name))
     sub = helper.make_graph(
-        [graph.node[i] for i in order],
+        [model.graph.node[i] for i in order],
         "chain",
-        [helper.make_tensor_value_info(source, elem_type, ["rows", width])],
+        [helper.make_tensor_value_info(source, elem_type, ["rows", width]), *declared],
         [helper.make_tensor_value_info(name, elem_type, ["rows", f"features_{i}"]) for i, name in enumerate(outputs)],
         inits,
     )
     built = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     built.functions.extend(model.functions)
-    return built
+    return built, fed
 
 
 def _node_order(graph: onnx.GraphProto) -> list[int]:
@@ -405,21 +434,22 @@ def _rounding_allowance(layer, radius: float, unit: float = _F32_UNIT) -> float:
         return m * unit / max(1.0 - m * unit, 0.5)
 
     sup = bounds.activation_sup(layer, radius)
-    terms = _abs_times(layer.out_weights, sup)
     lipschitz = layer.activation.lipschitz if layer.multiplier_weights is None else math.inf
     if math.isfinite(lipschitz):
         preact = lipschitz * np.abs(layer.post_scale) * (layer.weight_norms * radius + np.abs(layer.bias))
-        inner = gamma(d + 2) * _abs_times(layer.out_weights, preact)
+        both = _abs_times(layer.out_weights, np.stack([sup, preact], axis=1))  # one pass over U
+        terms, inner = both[:, 0], gamma(d + 2) * both[:, 1]
     else:
+        terms = _abs_times(layer.out_weights, sup)
         inner = 1e-4 * terms
     return float(np.max((gamma(n) + 4 * unit) * terms + inner, initial=0.0))
 
 
 def _abs_times(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
-    """|M| @ v in float64, a few MiB of M at a time (M may be a large float32 view)."""
+    """|M| @ v in float64 (v a vector or a few columns), a few MiB of M at a time (M may be a large float32 view)."""
     from .blockwise import float64_blocks, one_blas_thread
 
-    result = np.zeros(matrix.shape[0])
+    result = np.zeros((matrix.shape[0],) + vector.shape[1:])
     with one_blas_thread():  # many small products: see blockwise.one_blas_thread
         for rows, cols, block in float64_blocks(matrix):
             np.abs(block, out=block)
@@ -473,9 +503,17 @@ def validate_chains(
         if layers.get(c_chain.name, {}).get("reweight") not in (None, "", "none")
     }
     types = _elem_types(base.model, [c.producer.input for c in planned])
+    pending: list = []  # earlier chains whose selections have not been replayed on base.store yet
     for position, chain in enumerate(planned):
-        kept, scale = plan[chain.name]
         entry = layers.get(chain.name)
+        # Replay the earlier selections only as far as one touches this chain's sub-model (in an
+        # MLP each chain's producer is the previous chain's consumer; FFN blocks touch nothing of
+        # each other): replaying slices whole weights, seconds per gigabyte.
+        reads = set(subgraph(base.model, chain.producer.input, [_consumer_output(base.model.graph, c.node) for c in chain.consumers])[1])
+        last = max((i for i, (earlier, _) in enumerate(pending) if reads & set(surgery.touched(earlier))), default=-1)
+        for earlier, selection in pending[: last + 1]:
+            surgery.apply(earlier, selection, base.store)
+        del pending[: last + 1]
         if chain.producer.node in refit_consumers:
             notes.append(f"chain {chain.name}: its producer was refit by chain {refit_consumers[chain.producer.node]}, "
                          "which the plan cannot replay; it is checked end to end only")
@@ -484,9 +522,9 @@ def validate_chains(
             outputs = [_consumer_output(base.model.graph, c.node) for c in chain.consumers]
             dtype = types.get(chain.producer.input, onnx.TensorProto.FLOAT)
             width = reference.weights.shape[1]
-            ref_model = extract(base.model, base.store, chain.producer.input, outputs, width, dtype)
+            ref_model = extract_fed(base.model, base.store, chain.producer.input, outputs, width, dtype, FEED_MIN_BYTES)
             other = pruned_chains[chain.name]
-            new_model = extract(after.model, after.store, other.producer.input, outputs, width, dtype)
+            new_model = extract_fed(after.model, after.store, other.producer.input, outputs, width, dtype, FEED_MIN_BYTES)
             rows = [later_rows.get(c.node) for c in chain.consumers]  # a later chain's producer lost rows
             result = _check_chain(
                 chain.name, entry, reference, read_layer(other, after.store), ref_model, new_model, rows,
@@ -498,7 +536,7 @@ def validate_chains(
                     f"chain {chain.name} moved by {result.max_abs:.6g} > its certified bound "
                     f"{result.certified_bound:.6g} (+ {result.tolerance:.2g} rounding allowance)"
                 )
-        surgery.apply(chain, Selection(kept, scale), base.store)
+        pending.append((chain, Selection(*plan[chain.name])))
     return tuple(results), tuple(failures), tuple(notes)
 
 
@@ -548,11 +586,13 @@ def _check_chain(name, entry, reference, pruned_layer, ref_model, new_model, row
     """One chain's sub-models on its ball: random points and the adversarial ones, in batches."""
     radius = float(entry["radius"])
     bound = float(entry["certified_bound"])
+    (ref_model, ref_weights), (new_model, new_weights) = ref_model, new_model
     ref_sess, new_sess = session(ref_model, device), session(new_model, device)
     width = reference.weights.shape[1]
+    feed_name, new_feed_name = ref_model.graph.input[0].name, new_model.graph.input[0].name
     # Consumer output sizes of the reference, in stacking order, from a one-row run.
     probe = np.zeros((1, width), dtype=_input_dtype(ref_sess))
-    blocks = [int(np.asarray(o).shape[-1]) for o in ref_sess.run(None, {ref_sess.get_inputs()[0].name: probe})]
+    blocks = [int(np.asarray(o).shape[-1]) for o in ref_sess.run(None, {feed_name: probe, **ref_weights})]
     ref_rows = _select_rows(reference.out_weights, blocks, rows, axis=0)
     if reference.weights.size + reference.out_weights.size <= SEARCHED_MAX_ENTRIES:
         terms = [attack.Term(reference, ref_rows), attack.Term(pruned_layer, -pruned_layer.out_weights)]
@@ -565,7 +605,6 @@ def _check_chain(name, entry, reference, pruned_layer, ref_model, new_model, row
     allowance = _rounding_allowance(reference, radius, unit) + _rounding_allowance(pruned_layer, radius, unit)
     worst, worst_adversarial, seconds = 0.0, 0.0, 0.0
     total = probes + len(adversarial)
-    feed_name = ref_sess.get_inputs()[0].name
     for start in range(0, total, CHAIN_BATCH):
         count = min(CHAIN_BATCH, total - start)
         if start < len(adversarial):
@@ -577,8 +616,8 @@ def _check_chain(name, entry, reference, pruned_layer, ref_model, new_model, row
         batch = batch.astype(dtype)  # the rounding allowance covers this rounding of the probes
         begin = time.perf_counter()
         try:
-            before = ref_sess.run(None, {feed_name: batch})
-            after = new_sess.run(None, {new_sess.get_inputs()[0].name: batch})
+            before = ref_sess.run(None, {feed_name: batch, **ref_weights})
+            after = new_sess.run(None, {new_feed_name: batch, **new_weights})
         except Exception as exc:
             raise ModelError(f"onnxruntime failed on chain {name}: {str(exc).splitlines()[0][:300]}") from None
         seconds += time.perf_counter() - begin
@@ -598,7 +637,15 @@ def _check_chain(name, entry, reference, pruned_layer, ref_model, new_model, row
     )
 
 
+def _run(sess, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list:
+    try:
+        return sess.run(list(names), dict(feed))
+    except Exception as exc:
+        raise ModelError(f"onnxruntime failed while validating: {str(exc).splitlines()[0][:300]}") from None
+
+
 def _input_dtype(sess) -> type:
+    """The numpy type of the probes: the sub-model's first input (the chain's input; weights follow)."""
     return _NUMPY_OF_ORT.get(sess.get_inputs()[0].type, np.float32)
 
 

@@ -814,6 +814,17 @@ def test_missing_output_folder_exits_2_and_writes_nothing(tmp_path, good):
     assert digest(tmp_path) == before
 
 
+def test_unusable_output_folder_is_refused_before_the_model_is_read(tmp_path, good, monkeypatch):
+    """A multi-gigabyte model should not be loaded and pruned only to fail at the write."""
+    from onnxcoreset import io
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was read before the output folder was checked")
+
+    monkeypatch.setattr(io, "load", no_loading)
+    assert_one_line_error(invoke("prune", good, tmp_path / "no" / "out.onnx", "--keep", "0.5"), "does not exist")
+
+
 @pytest.fixture
 def read_only_folder(tmp_path: Path):
     """A folder nobody can create files in: chmod for a normal user, the immutable flag for root."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,7 +22,7 @@ from builders import CHAIN_FORMS
 from onnxcoreset.chains import find_chains
 from onnxcoreset.cli import main
 from onnxcoreset.errors import UsageError
-from onnxcoreset.io import from_proto
+from onnxcoreset.io import from_proto, load
 from onnxcoreset.neurons import read_layer
 from onnxcoreset.pipeline import PruneConfig, prune_file
 from onnxcoreset.validate import (
@@ -30,6 +31,7 @@ from onnxcoreset.validate import (
     decode_plan,
     encode_plan,
     extract,
+    extract_fed,
     providers,
     session,
     validate_chains,
@@ -132,7 +134,25 @@ def test_written_model_records_the_guarantee(mlp_files):
 # The per-chain gate
 
 
-def test_every_chain_passes_its_certificate_on_onnxruntime(mlp_files):
+def test_weights_fed_at_run_time_compute_the_same_chain(rng):
+    """Large weights enter a chain's sub-model as inputs fed from the store: same outputs, no copy."""
+    built = CHAIN_FORMS["matmul_add_relu"](rng)
+    loaded = from_proto(built.model)
+    (chain,), _ = find_chains(loaded.model.graph, loaded.store)
+    outputs = [loaded.model.graph.node[c.node].output[0] for c in chain.consumers]
+    inline = extract(loaded.model, loaded.store, chain.producer.input, outputs, 12, onnx.TensorProto.FLOAT)
+    fed, weights = extract_fed(loaded.model, loaded.store, chain.producer.input, outputs, 12, onnx.TensorProto.FLOAT, 0)
+    onnx.checker.check_model(fed, full_check=True)
+    assert len(fed.graph.initializer) == 0 and sorted(weights) == sorted(t.name for t in inline.graph.initializer)
+    x = rng.standard_normal((64, 12)).astype(np.float32)
+    (want,) = session(inline, "cpu").run(None, {chain.producer.input: x})
+    (got,) = session(fed, "cpu").run(None, {chain.producer.input: x, **weights})
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # float32, same sums, maybe another kernel
+
+
+@pytest.mark.parametrize("feed_min_bytes", [None, 0], ids=["inline", "fed"])
+def test_every_chain_passes_its_certificate_on_onnxruntime(mlp_files, monkeypatch, feed_min_bytes):
+    monkeypatch.setattr(validation, "FEED_MIN_BYTES", feed_min_bytes)
     source, target, report = mlp_files
     chains, failures, notes = validate_chains(source, target, device="cpu", probes=3000)
     assert failures == () and notes == ()
@@ -159,7 +179,9 @@ def test_a_wrong_certificate_fails_the_gate(mlp_files):
     assert len(failures) == 1 and failures[0].startswith(f"chain {chains[0].name} moved by")
 
 
-def test_tampered_weights_fail_the_gate(mlp_files):
+@pytest.mark.parametrize("feed_min_bytes", [None, 0], ids=["inline", "fed"])
+def test_tampered_weights_fail_the_gate(mlp_files, monkeypatch, feed_min_bytes):
+    monkeypatch.setattr(validation, "FEED_MIN_BYTES", feed_min_bytes)
     source, target, report = mlp_files
     weight = "fc3.weight"  # the last chain's consumer
 
@@ -170,6 +192,39 @@ def test_tampered_weights_fail_the_gate(mlp_files):
     _rewrite(target, triple)
     chains, failures, _ = validate_chains(source, target, device="cpu", probes=500)
     assert [c.ok for c in chains] == [True, False]
+
+
+def test_earlier_selections_are_replayed_only_where_a_later_chain_reads_them(tmp_path, monkeypatch):
+    """An MLP's second chain reads the first chain's consumer: replayed. FFN blocks share nothing: never."""
+    from onnxcoreset import surgery
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import gen_big_models as gen
+
+    replayed = []
+    real_apply = surgery.apply
+    monkeypatch.setattr(surgery, "apply", lambda chain, *rest: (replayed.append(chain.name), real_apply(chain, *rest))[1])
+    mlp, mlp_out = tmp_path / "mlp.onnx", tmp_path / "mlp_pruned.onnx"
+    onnx.save(build_mlp.build(0, (12, 40, 24, 16, 5)), mlp)
+    prune_file(mlp, mlp_out, PruneConfig(keep=0.5, beta=3.0), validate=False)
+    replayed.clear()
+    chains, failures, _ = validate_chains(mlp, mlp_out, device="cpu", probes=200)
+    assert len(chains) == 3 and failures == () and replayed == [chains[0].name, chains[1].name]
+
+    ffn = gen.generate(gen.SPECS["quick_ffn_256x4"], tmp_path / "ffn")
+    ffn_out = tmp_path / "ffn_pruned.onnx"
+    prune_file(ffn, ffn_out, PruneConfig(keep=0.5), validate=False)
+    replayed.clear()
+    chains, failures, _ = validate_chains(ffn, ffn_out, device="cpu", probes=64)
+    assert len(chains) == 4 and failures == () and replayed == []
+
+    # The fed weights of external data are the memory map itself, not a copy.
+    loaded = load(ffn)
+    chain = find_chains(loaded.model.graph, loaded.store)[0][0]
+    outputs = [loaded.model.graph.node[c.node].output[0] for c in chain.consumers]
+    _, weights = extract_fed(loaded.model, loaded.store, chain.producer.input, outputs, 256, onnx.TensorProto.FLOAT,
+                             validation.FEED_MIN_BYTES)
+    assert weights and all(isinstance(w, np.memmap) or isinstance(w.base, np.memmap) for w in weights.values())
 
 
 def test_models_without_a_plan_are_checked_end_to_end_only(tmp_path):
