@@ -171,6 +171,14 @@ class Decline(Exception):
     """Raised inside matching to carry a reason; never escapes this module."""
 
 
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "PRelu"})
+_RANK_KEEPING = frozenset({  # output rank = first input's rank
+    "Identity", "Dropout", "Cast", "BatchNormalization", "Relu", "LeakyRelu", "ThresholdedRelu", "Sigmoid",
+    "Tanh", "Softplus", "Softsign", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Clip", "Mish", "Gelu",
+    "Erf", "Abs", "Neg", "Exp", "Sqrt", "Reciprocal",
+})
+
+
 @dataclass
 class GraphView:
     """Read-only indexes over a graph: who produces and who reads each tensor.
@@ -214,6 +222,36 @@ class GraphView:
                 and node.output[0] not in self.store
             ):
                 self.casts[node.output[0]] = node.input[0]
+        self._infer_ranks()
+
+    def _infer_ranks(self) -> None:
+        """Ranks the file does not declare, by exact rules for the ops chains are made of.
+
+        Exporters often write no value_info; full shape inference would copy the model (weights
+        included). BatchNormalization and per-feature constants need only the rank.
+        """
+
+        def rank_of(name: str) -> int | None:
+            if name in self.ranks:
+                return self.ranks[name]
+            return len(self.shape(name)) if self.is_static(name) else None
+
+        for index in self.order:
+            node = self.graph.node[index]
+            if _domain(node) or not node.output or not node.output[0] or node.output[0] in self.ranks:
+                continue
+            known = [rank_of(name) for name in node.input if name]
+            rank = None
+            if node.op_type == "Gemm":
+                rank = 2
+            elif node.op_type == "MatMul" and len(known) == 2 and None not in known and min(known) >= 2:
+                rank = max(known)
+            elif node.op_type in _BROADCASTING and known and None not in known:
+                rank = max(known)
+            elif node.op_type in _RANK_KEEPING and known and known[0] is not None:
+                rank = known[0]
+            if rank is not None:
+                self.ranks[node.output[0]] = rank
 
     def label(self, index: int) -> str:
         node = self.graph.node[index]

@@ -207,8 +207,8 @@ def compare(
 
     With ``chain_probes`` > 0, every chain recorded in the pruned model's metadata is also
     checked on its own against its certified bound (:func:`validate_chains`), on at most
-    ``chain_probes`` random points: fewer on large chains (CHAIN_PROBE_WORK), so that validation
-    stays bounded.
+    ``chain_probes`` random points each: fewer on large models (CHAIN_PROBE_WORK, a total over all
+    chains), so that validation costs about as much as reading the model.
     """
     # One session at a time: the original's outputs are kept (small), its session freed before the
     # pruned model's is built, so peak memory holds one model, not both.
@@ -273,11 +273,11 @@ LAYERS_KEY = "onnxcoreset.layers"
 PLAN_KEY = "onnxcoreset.plan"
 CHAIN_BATCH = 16384  # probe rows per onnxruntime call on a chain sub-model
 SEARCHED_MAX_ENTRIES = 1 << 21  # weights of a chain beyond which no adversarial search is run
-# Multiply-adds of a chain's original sub-model over all its random probes: past this the probe
-# count shrinks (to MIN_CHAIN_PROBES at least), so that checking a 25088×4096 layer costs about as
-# much as reading its weights, not 4096 inferences of it (10 s and 5 GiB of probes). MiniLM's FFN
-# (384-1536-384) keeps its 4096 probes.
-CHAIN_PROBE_WORK = 1 << 33
+# Multiply-adds of all chains' original sub-models over their random probes together: past this
+# every chain gets fewer probes (MIN_CHAIN_PROBES at least), so that the default check of a
+# multi-gigabyte model costs about as much as reading it, not 4096 inferences of every layer.
+# MiniLM's six FFNs (384-1536-384) keep their 4096 probes each; 24 1024-4096 blocks get 170.
+CHAIN_PROBE_WORK = 1 << 35
 MIN_CHAIN_PROBES = 64
 _F32_UNIT = 2.0**-24
 
@@ -468,8 +468,9 @@ def validate_chains(
 ) -> tuple[tuple[ChainDeviation, ...], tuple[str, ...], tuple[str, ...]]:
     """Check every pruned chain against its certificate on sub-models: (deviations, failures, notes).
 
-    ``max_work`` (compare passes CHAIN_PROBE_WORK) lowers a large chain's random probes to that many
-    multiply-adds of its original sub-model, MIN_CHAIN_PROBES at least; None runs ``probes`` on every chain.
+    ``max_work`` (compare passes CHAIN_PROBE_WORK) lowers the random probes per chain so that all
+    chains' original sub-models together cost at most that many multiply-adds, MIN_CHAIN_PROBES at
+    least; None runs ``probes`` on every chain.
 
     The reference for chain k is the original model with the recorded selections of the chains
     before it applied (``onnxcoreset.plan``), which is exactly what the certificate was computed
@@ -503,6 +504,7 @@ def validate_chains(
         if layers.get(c_chain.name, {}).get("reweight") not in (None, "", "none")
     }
     types = _elem_types(base.model, [c.producer.input for c in planned])
+    each = _bounded(probes, sum(_weight_count(c, base.store) for c in planned), max_work)
     pending: list = []  # earlier chains whose selections have not been replayed on base.store yet
     for position, chain in enumerate(planned):
         entry = layers.get(chain.name)
@@ -528,7 +530,7 @@ def validate_chains(
             rows = [later_rows.get(c.node) for c in chain.consumers]  # a later chain's producer lost rows
             result = _check_chain(
                 chain.name, entry, reference, read_layer(other, after.store), ref_model, new_model, rows,
-                device=device, probes=_bounded(probes, reference, max_work), rng=np.random.default_rng([seed, position]),
+                device=device, probes=each, rng=np.random.default_rng([seed, position]),
             )
             results.append(result)
             if not result.ok:
@@ -574,12 +576,18 @@ def _select_rows(matrix: np.ndarray, blocks: Sequence[int], rows: Sequence[np.nd
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
-def _bounded(probes: int, layer, max_work: int | None) -> int:
-    """``probes``, lowered so that they cost at most ``max_work`` multiply-adds of the chain (None: as asked)."""
+def _weight_count(chain, store) -> int:
+    """Multiply-adds of one probe through the chain: its producer's and consumers' weights."""
+    tensors = [chain.producer.weight.tensor] + [c.weight.tensor for c in chain.consumers]
+    tensors += [chain.multiplier.weight.tensor] if chain.multiplier is not None else []
+    return sum(int(np.prod(store.shape(t), dtype=np.int64)) for t in tensors)
+
+
+def _bounded(probes: int, per_probe: int, max_work: int | None) -> int:
+    """``probes`` per chain, lowered so that they cost at most ``max_work`` multiply-adds (None: as asked)."""
     if max_work is None:
         return probes
-    per_probe = max(int(layer.weights.size) + int(layer.out_weights.size), 1)
-    return min(probes, max(MIN_CHAIN_PROBES, max_work // per_probe))
+    return min(probes, max(MIN_CHAIN_PROBES, max_work // max(per_probe, 1)))
 
 
 def _check_chain(name, entry, reference, pruned_layer, ref_model, new_model, rows, *, device, probes, rng) -> ChainDeviation:

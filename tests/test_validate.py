@@ -227,6 +227,24 @@ def test_earlier_selections_are_replayed_only_where_a_later_chain_reads_them(tmp
     assert weights and all(isinstance(w, np.memmap) or isinstance(w.base, np.memmap) for w in weights.values())
 
 
+def test_default_chain_probes_share_one_budget_of_work(tmp_path, monkeypatch):
+    """compare gives every chain the same random probes: CHAIN_PROBE_WORK over all chains' weights."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import gen_big_models as gen
+
+    ffn = gen.generate(gen.SPECS["quick_ffn_256x4"], tmp_path / "ffn")  # 4 chains of 2 × 256×1024 weights
+    pruned = tmp_path / "pruned.onnx"
+    prune_file(ffn, pruned, PruneConfig(keep=0.5), validate=False)
+    counts = {}
+    for work in (1 << 28, 1 << 30):
+        monkeypatch.setattr(validation, "CHAIN_PROBE_WORK", work)
+        report = validation.compare(ffn, pruned, device="cpu", probes=4)
+        assert report.ok and len(report.chains) == 4
+        counts[work] = [c.probes for c in report.chains]  # random probes + the (same) adversarial points
+    assert (1 << 28) // (4 * 2 * 256 * 1024) == 128 and (1 << 30) // (4 * 2 * 256 * 1024) == 512
+    assert [b - a for a, b in zip(counts[1 << 28], counts[1 << 30])] == [512 - 128] * 4
+
+
 def test_models_without_a_plan_are_checked_end_to_end_only(tmp_path):
     source = tmp_path / "a.onnx"
     onnx.save(build_mlp.build(0, (6, 8, 3)), source)

@@ -168,7 +168,11 @@ def warm(files: list[Path]) -> None:
 
 def run_model(name: str, tools: list[str], repeat: int, work: Path, log) -> Result:
     spec = gen.SPECS[name]
-    source = gen.generate(spec, work / "models")
+    # In a process of its own: Linux carries a parent's peak RSS at fork into the child's
+    # ru_maxrss, so a parent that had generated a model in-process would inflate every reading.
+    subprocess.run([sys.executable, str(TOOLS_DIR / "gen_big_models.py"), "--out", str(work / "models"), name],
+                   check=True, stdout=subprocess.DEVNULL)
+    source = gen.model_path(spec, work / "models")
     files = gen.files_of(source)
     result = Result(name, sum(p.stat().st_size for p in files))
     out_dir = work / "out"
