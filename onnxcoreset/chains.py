@@ -395,6 +395,8 @@ def resolve_weight(view: GraphView, name: str, user: int, neuron_axis_in_use: in
     if view.readers.get(stored, []) != [reader] or stored in view.outputs:
         others = [view.label(i) for i in view.readers.get(stored, []) if i != reader]
         raise Decline(f"weight initializer '{stored}' is also read by {', '.join(others) or 'a graph output'}")
+    if list(view.graph.node[reader].input).count(stored) > 1:  # e.g. Gemm(W, W): slicing W would change the input too
+        raise Decline(f"weight initializer '{stored}' is read more than once by {view.label(reader)}")
     _check_dtype(view, stored)
     axis = 1 - neuron_axis_in_use if transposes else neuron_axis_in_use
     return WeightRef(stored, axis, transposes[0] if transposes else None, tuple(views))

@@ -188,7 +188,7 @@ def _propagate(view: GraphView, tensor: str, beta: float, known: Mapping[str, Ra
             ok = _attrs(node).get("axis", 1) == 1
         else:
             shape = _constant(view, node.input[1]) if len(node.input) > 1 else None
-            ok = shape is not None and shape.size == 2 and int(shape[0]) == 0 and int(shape[1]) == -1
+            ok = shape is not None and shape.dtype.kind in "iu" and shape.size == 2 and shape[0] == 0 and shape[1] == -1
         if ok and per_sample:
             return upstream(source)
         raise _Stop(f"{label} ({op}) may mix samples into rows")

@@ -547,6 +547,42 @@ def test_weight_shared_by_two_nodes_is_skipped_with_reason(tmp_path):
     _assert_unchanged(m, out, ["W", "b", "U1", "U2"])
 
 
+def test_weight_read_twice_by_its_own_node_is_skipped_with_reason(tmp_path):
+    """Gemm(W, W, b) (found by the fuzzer): slicing W's rows would also cut the Gemm's input rows."""
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Gemm", ["W", "W", "b"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["a"], name="relu"),
+        helper.make_node("Gemm", ["a", "U"], ["y"], name="fc2", transB=1),
+    ]
+    inits = [init("W", weights(rng, 6, 8).T.copy()), init("b", np.zeros(8, np.float32)), init("U", weights(rng, 8, 3).T.copy())]
+    m = model(nodes, [float_input("x", ["batch", 6])], [float_input("y", [8, 3])], inits)
+    result, out = _report(m, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "weight initializer 'W' is read more than once by fc1" in _skipped(tmp_path)["fc1"]
+    _assert_unchanged(m, out, ["W", "b", "U"])
+
+
+def test_reshape_with_a_float_shape_is_refused_cleanly(tmp_path):
+    """A Reshape whose shape constant is float NaN (found by the fuzzer) gave an internal error in radius propagation."""
+    rng = np.random.default_rng(6)
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "W", "b"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["a"], name="relu"),
+        helper.make_node("Gemm", ["a", "U"], ["y"], name="fc2", transB=1),
+    ]
+    inits = [init("shape", np.array([np.nan, -1.0])), init("W", weights(rng, 8, 8).T.copy()),
+             init("b", np.zeros(8, np.float32)), init("U", weights(rng, 8, 3).T.copy())]
+    graph = helper.make_graph(nodes, "g", [float_input("x", ["batch", 4, 2])], [float_input("y", ["batch", 3])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)  # invalid: no checker here
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    before = digest(tmp_path)
+    assert_one_line_error(invoke("prune", path, tmp_path / "o.onnx", "--keep", "0.5", *QUICK), "Reshape")
+    assert digest(tmp_path) == before
+
+
 def _quantized_models(rng: np.random.Generator) -> dict[str, onnx.ModelProto]:
     d, n, k = 6, 8, 3
     x = [float_input("x", ["batch", d])]

@@ -595,6 +595,7 @@ class Summary:
     table: collections.Counter = field(default_factory=collections.Counter)
     codes: collections.Counter = field(default_factory=collections.Counter)
     violations: list[str] = field(default_factory=list)
+    gate_failures: list[str] = field(default_factory=list)  # exit 1: allowed, but worth a look (which mutant, why)
     slowest: float = 0.0
 
     def add(self, record: dict) -> None:
@@ -604,6 +605,8 @@ class Summary:
             self.codes[(outcome["command"], outcome["exit_code"])] += 1
             self.table[(outcome["command"], outcome["exit_code"], outcome["message"])] += 1
             self.slowest = max(self.slowest, outcome["seconds"])
+            if outcome["exit_code"] == 1:
+                self.gate_failures.append(f"mutant {record['index']} ({record['seed']}; {record['mutation']}): {outcome['command']}")
             for violation in outcome["violations"]:
                 self.violations.append(f"mutant {record['index']} ({record['seed']}; {record['mutation']}): {violation}")
 
@@ -614,6 +617,8 @@ class Summary:
         lines.append(f"most frequent outcomes (of {len(self.table)} distinct):")
         for (command, code, message), count in self.table.most_common(top):
             lines.append(f"  {count:6d}  {command:8s} {code}  {message}")
+        lines.append(f"validation gate failures (exit 1, nothing written): {len(self.gate_failures)}")
+        lines += [f"  {g}" for g in self.gate_failures[:20]]
         lines.append(f"violations: {len(self.violations)}")
         lines += [f"  {v}" for v in self.violations[:50]]
         return "\n".join(lines)
