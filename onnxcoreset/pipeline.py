@@ -91,12 +91,6 @@ def _all_weights(model: onnx.ModelProto, store: io.WeightStore) -> list[str]:
     return names
 
 
-def _chain_tensors(chain: Chain) -> list[str]:
-    names = [chain.producer.weight.tensor] + ([chain.producer.bias] if chain.producer.bias else [])
-    names += [t for step in chain.steps for t, _ in step.sliced]
-    return names + [c.weight.tensor for c in chain.consumers]
-
-
 def input_radius(view: GraphView, tensor: str, beta: float, known: Mapping[str, float]) -> tuple[float, bool]:
     """(radius, certified) for rows of ``tensor``: see radii.chain_radius, which the pipeline uses."""
     return radii.input_radius(view, tensor, beta, known)
@@ -183,7 +177,7 @@ def _budget_counts(planner: strategy.Planner, chains: Sequence[Chain], view: Gra
         errors.append(strategy.error_curve(context, config.method, config.reweight, config.sup, counts[position]))
     owners: dict[str, list[int]] = {}
     for index, chain in enumerate(usable):
-        for name in dict.fromkeys(_chain_tensors(chain)):
+        for name in surgery.touched(chain):
             owners.setdefault(name, []).append(index)
     tensors = [(int(np.prod(store.shape(name), dtype=np.int64)), [i for i in chain_ids if _slices(usable[i], name, store)])
                for name, chain_ids in owners.items()]
@@ -322,7 +316,7 @@ def prune_loaded(
             if budget:
                 note = f"--budget {config.budget:g} gives this chain {selection.size} of {layer.size} neurons"
         biases = surgery.consumer_biases(view, chain) if plan is not None and plan.refit is not None else []
-        before = _param_count(store, _chain_tensors(chain))
+        before = _param_count(store, surgery.touched(chain))
         attained: float | None = None
         if plan is not None and plan.refit is not None:  # refit consumers: certified on their new weights and biases
             bound, attained = strategy.refit_certificate(chain, store, layer, plan.refit, selection.kept, radius, biases, large,
@@ -363,7 +357,7 @@ def prune_loaded(
                 neurons_before=chain.size,
                 neurons_after=selection.size,
                 params_before=before,
-                params_after=_param_count(store, _chain_tensors(chain)),
+                params_after=_param_count(store, surgery.touched(chain)),
                 draws=selection.draws,
                 radius=radius,
                 radius_certified=where.kind == radii.CERTIFIED,
@@ -558,7 +552,7 @@ def inspect(model: onnx.ModelProto | str | os.PathLike[str]) -> InspectReport:
             steps=tuple(s.kind if s.kind != "activation" else c.activation_label for s in c.steps),
             consumers=tuple(x.label for x in c.consumers),
             hidden_size=c.size,
-            params=_param_count(store, _chain_tensors(c)),
+            params=_param_count(store, surgery.touched(c)),
         )
         for c in chains
     )

@@ -51,7 +51,8 @@ def apply(chain: Chain, selection: Selection, store: WeightStore) -> None:
 
 
 def touched(chain: Chain) -> list[str]:
-    """Every tensor :func:`apply` may rewrite for this chain (a superset: a shared bias is listed)."""
+    """Every tensor :func:`apply` may rewrite for this chain, once each (a superset: a shared bias is
+    listed); the pipeline counts a chain's parameters over these."""
     names = [chain.producer.weight.tensor] + ([chain.producer.bias] if chain.producer.bias else [])
     names += [tensor for step in chain.steps for tensor, _ in step.sliced]
     return list(dict.fromkeys(names + [consumer.weight.tensor for consumer in chain.consumers]))

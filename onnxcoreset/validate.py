@@ -508,10 +508,11 @@ def validate_chains(
     pending: list = []  # earlier chains whose selections have not been replayed on base.store yet
     for position, chain in enumerate(planned):
         entry = layers.get(chain.name)
+        outputs = [_consumer_output(base.model.graph, c.node) for c in chain.consumers]
         # Replay the earlier selections only as far as one touches this chain's sub-model (in an
         # MLP each chain's producer is the previous chain's consumer; FFN blocks touch nothing of
         # each other): replaying slices whole weights, seconds per gigabyte.
-        reads = set(subgraph(base.model, chain.producer.input, [_consumer_output(base.model.graph, c.node) for c in chain.consumers])[1])
+        reads = set(subgraph(base.model, chain.producer.input, outputs)[1])
         last = max((i for i, (earlier, _) in enumerate(pending) if reads & set(surgery.touched(earlier))), default=-1)
         for earlier, selection in pending[: last + 1]:
             surgery.apply(earlier, selection, base.store)
@@ -521,15 +522,14 @@ def validate_chains(
                          "which the plan cannot replay; it is checked end to end only")
         elif chain.name in pruned_chains and entry is not None and entry.get("certified_bound") is not None:
             reference = read_layer(chain, base.store)
-            outputs = [_consumer_output(base.model.graph, c.node) for c in chain.consumers]
             dtype = types.get(chain.producer.input, onnx.TensorProto.FLOAT)
             width = reference.weights.shape[1]
-            ref_model = extract_fed(base.model, base.store, chain.producer.input, outputs, width, dtype, FEED_MIN_BYTES)
+            ref_sub = extract_fed(base.model, base.store, chain.producer.input, outputs, width, dtype, FEED_MIN_BYTES)
             other = pruned_chains[chain.name]
-            new_model = extract_fed(after.model, after.store, other.producer.input, outputs, width, dtype, FEED_MIN_BYTES)
+            new_sub = extract_fed(after.model, after.store, other.producer.input, outputs, width, dtype, FEED_MIN_BYTES)
             rows = [later_rows.get(c.node) for c in chain.consumers]  # a later chain's producer lost rows
             result = _check_chain(
-                chain.name, entry, reference, read_layer(other, after.store), ref_model, new_model, rows,
+                chain.name, entry, reference, read_layer(other, after.store), ref_sub, new_sub, rows,
                 device=device, probes=each, rng=np.random.default_rng([seed, position]),
             )
             results.append(result)
@@ -590,11 +590,12 @@ def _bounded(probes: int, per_probe: int, max_work: int | None) -> int:
     return min(probes, max(MIN_CHAIN_PROBES, max_work // max(per_probe, 1)))
 
 
-def _check_chain(name, entry, reference, pruned_layer, ref_model, new_model, rows, *, device, probes, rng) -> ChainDeviation:
-    """One chain's sub-models on its ball: random points and the adversarial ones, in batches."""
+def _check_chain(name, entry, reference, pruned_layer, ref_sub, new_sub, rows, *, device, probes, rng) -> ChainDeviation:
+    """One chain's sub-models (each with the weights fed to it, :func:`extract_fed`) on its ball:
+    random points and the adversarial ones, in batches."""
     radius = float(entry["radius"])
     bound = float(entry["certified_bound"])
-    (ref_model, ref_weights), (new_model, new_weights) = ref_model, new_model
+    (ref_model, ref_weights), (new_model, new_weights) = ref_sub, new_sub
     ref_sess, new_sess = session(ref_model, device), session(new_model, device)
     width = reference.weights.shape[1]
     feed_name, new_feed_name = ref_model.graph.input[0].name, new_model.graph.input[0].name

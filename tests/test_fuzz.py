@@ -117,3 +117,12 @@ def test_long_fuzz_run():
                                    jobs=os.cpu_count() or 1, progress=False)
     assert summary.mutants == 5000
     assert summary.violations == [], summary.render()
+
+
+def test_summary_lists_validation_gate_failures_by_mutant():
+    """Exit 1 is allowed (the gate refused a pruned mutant), but the summary names each one for a look."""
+    summary = fuzz.Summary()
+    outcome = {"command": "prune", "exit_code": 1, "message": "m", "violations": [], "seconds": 0.1}
+    summary.add({"index": 7, "seed": "form:x", "mutation": "rewire", "outcomes": [outcome, dict(outcome, command="inspect", exit_code=0)]})
+    assert summary.gate_failures == ["mutant 7 (form:x; rewire): prune"]
+    assert "validation gate failures (exit 1, nothing written): 1\n  mutant 7 (form:x; rewire): prune" in summary.render()

@@ -245,6 +245,27 @@ def test_default_chain_probes_share_one_budget_of_work(tmp_path, monkeypatch):
     assert [b - a for a, b in zip(counts[1 << 28], counts[1 << 30])] == [512 - 128] * 4
 
 
+def test_sessions_from_files_skip_prepacking_and_compare_holds_one_model_at_a_time(mlp_files, monkeypatch):
+    """Prepacking would copy every matmul weight of a mapped model; two live sessions, both models."""
+    import gc
+    import weakref
+
+    source, target, _ = mlp_files
+    assert session(source, "cpu").get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    real_session, alive_at_creation, made = validation.session, [], []
+
+    def tracked(model, device="auto"):
+        gc.collect()
+        alive_at_creation.append(sum(ref() is not None for ref in made))
+        sess = real_session(model, device)
+        made.append(weakref.ref(sess))
+        return sess
+
+    monkeypatch.setattr(validation, "session", tracked)
+    report = validation.compare(source, target, device="cpu", probes=8, chain_probes=0)
+    assert report.ok and alive_at_creation == [0, 0]
+
+
 def test_models_without_a_plan_are_checked_end_to_end_only(tmp_path):
     source = tmp_path / "a.onnx"
     onnx.save(build_mlp.build(0, (6, 8, 3)), source)
